@@ -1,0 +1,270 @@
+"""The warehouse data contract: the columns Fulcrum reads and the tables it writes.
+
+All timestamps are stored in UTC. A naive timestamp read from the warehouse is taken
+to be UTC. Money columns are in the row's own ``currency``; refunds and credits are
+negative amounts. docs/data-contract.md states the same rules for people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+
+@dataclass(frozen=True)
+class SourceColumn:
+    """One column a source must provide."""
+
+    name: str
+    kind: str  # "string", "timestamp", "integer", "float", "boolean"
+    nullable: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class SourceContract:
+    """The columns one source must provide, and which of them form the key."""
+
+    name: str
+    columns: tuple[SourceColumn, ...]
+    key: tuple[str, ...]
+    created_column: str
+    extra_columns_allowed: bool = False
+
+    @property
+    def column_names(self) -> list[str]:
+        return [column.name for column in self.columns]
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [column.name for column in self.columns if not column.nullable]
+
+    @property
+    def timestamp_columns(self) -> list[str]:
+        return [column.name for column in self.columns if column.kind == "timestamp"]
+
+
+def _col(name: str, kind: str, nullable: bool, description: str) -> SourceColumn:
+    return SourceColumn(name, kind, nullable, description)
+
+
+LEADS = SourceContract(
+    name="leads",
+    columns=(
+        _col("lead_id", "string", False, "Unique lead identifier"),
+        _col("created_at", "timestamp", False, "When the lead entered the CRM (UTC)"),
+        _col("channel", "string", True, "Acquisition channel, for example organic or referral"),
+        _col("industry", "string", True, "Industry of the lead's company"),
+        _col("employees", "integer", True, "Head count of the lead's company"),
+        _col("region", "string", True, "Sales region"),
+        _col("seniority", "string", True, "Job seniority of the contact"),
+        _col("disqualified_at", "timestamp", True, "When sales disqualified the lead (UTC)"),
+    ),
+    key=("lead_id",),
+    created_column="created_at",
+    extra_columns_allowed=True,
+)
+
+LEAD_EVENTS = SourceContract(
+    name="lead_events",
+    columns=(
+        _col("lead_id", "string", False, "Lead the activity belongs to"),
+        _col("event_type", "string", False, "Activity type, for example pricing_page_view"),
+        _col("occurred_at", "timestamp", False, "When the activity happened (UTC)"),
+    ),
+    key=(),
+    created_column="occurred_at",
+)
+
+OPPORTUNITIES = SourceContract(
+    name="opportunities",
+    columns=(
+        _col("opportunity_id", "string", False, "Unique opportunity identifier"),
+        _col("lead_id", "string", False, "Lead the opportunity came from"),
+        _col("account_id", "string", True, "Billing account created when the deal was won"),
+        _col("created_at", "timestamp", False, "When the opportunity was opened (UTC)"),
+        _col("closed_at", "timestamp", True, "When it was won or lost; NULL while open"),
+        _col("won", "boolean", True, "True when won, False when lost, NULL while open"),
+    ),
+    key=("opportunity_id",),
+    created_column="created_at",
+)
+
+BILLING_ACCOUNTS = SourceContract(
+    name="billing_accounts",
+    columns=(
+        _col("account_id", "string", False, "Unique billing account identifier"),
+        _col("started_at", "timestamp", False, "Start of the first subscription (UTC)"),
+        _col("cancelled_at", "timestamp", True, "End of the last subscription; NULL if active"),
+        _col("plan", "string", True, "Plan or segment name"),
+        _col("currency", "string", False, "ISO 4217 billing currency"),
+    ),
+    key=("account_id",),
+    created_column="started_at",
+    extra_columns_allowed=True,
+)
+
+INVOICES = SourceContract(
+    name="invoices",
+    columns=(
+        _col("invoice_id", "string", False, "Unique invoice line identifier"),
+        _col("account_id", "string", False, "Billing account invoiced"),
+        _col("period_start", "timestamp", False, "Start of the service period, inclusive (UTC)"),
+        _col("period_end", "timestamp", False, "End of the service period, exclusive (UTC)"),
+        _col("issued_at", "timestamp", False, "When the invoice was issued (UTC)"),
+        _col("amount", "float", False, "Net amount after discounts; negative for refunds and credits"),
+        _col("cost", "float", False, "Cost to serve the period, for gross margin; 0 for refunds"),
+        _col("currency", "string", False, "ISO 4217 currency of amount and cost"),
+        _col("kind", "string", False, "charge, refund or credit"),
+    ),
+    key=("invoice_id",),
+    created_column="issued_at",
+)
+
+SOURCES: dict[str, SourceContract] = {
+    contract.name: contract
+    for contract in (LEADS, LEAD_EVENTS, OPPORTUNITIES, BILLING_ACCOUNTS, INVOICES)
+}
+
+INVOICE_KINDS = ("charge", "refund", "credit")
+
+_SQL_TYPES = {
+    "string": lambda: String(255),
+    "timestamp": lambda: DateTime(timezone=True),
+    "integer": Integer,
+    "float": Float,
+    "boolean": Boolean,
+}
+
+
+def define_source_tables(metadata: MetaData, schema: str | None = None) -> dict[str, Table]:
+    """Add the five source tables, with the contract's own names, to ``metadata``.
+
+    The pipeline does not need these tables to exist: a mapping can point each source
+    anywhere. The simulator and the tests write to them.
+    """
+    tables = {}
+    for contract in SOURCES.values():
+        columns = [
+            Column(
+                column.name,
+                _SQL_TYPES[column.kind](),
+                nullable=column.nullable,
+                primary_key=column.name in contract.key,
+            )
+            for column in contract.columns
+        ]
+        if contract.name == "leads":
+            columns.append(Column("country", String(64), nullable=True))
+        if contract.name == "billing_accounts":
+            columns.append(Column("seats", Integer, nullable=True))
+            columns.append(Column("billing_period", String(16), nullable=True))
+        tables[contract.name] = Table(contract.name, metadata, *columns, schema=schema)
+    return tables
+
+
+def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[str, Table]:
+    """Add the four tables Fulcrum writes to ``metadata``."""
+    lead_scores = Table(
+        "lead_scores",
+        metadata,
+        Column("as_of", Date, primary_key=True),
+        Column("lead_id", String(255), primary_key=True),
+        Column("p_convert", Float, nullable=False),
+        Column("predicted_ltv", Float, nullable=True),
+        Column("expected_value", Float, nullable=True),
+        Column("overlay_weight", Float, nullable=False),
+        Column("overlay_score", Float, nullable=False),
+        Column("rank_volume", Integer, nullable=False),
+        Column("rank_value", Integer, nullable=True),
+        Column("rank_expected_value", Integer, nullable=True),
+        Column("rank_overlay", Integer, nullable=False),
+        Column("route", String(16), nullable=False),
+        Column("conversion_model_version", String(64), nullable=False),
+        Column("value_model_version", String(64), nullable=True),
+        Column("run_id", String(64), nullable=False),
+        schema=schema,
+    )
+    account_ltv = Table(
+        "account_ltv",
+        metadata,
+        Column("as_of", Date, primary_key=True),
+        Column("account_id", String(255), primary_key=True),
+        Column("segment", String(255), nullable=True),
+        Column("currency", String(3), nullable=False),
+        Column("months_billed", Float, nullable=False),
+        Column("revenue", Float, nullable=False),
+        Column("cost", Float, nullable=False),
+        Column("arpu", Float, nullable=True),
+        Column("gross_margin", Float, nullable=True),
+        Column("churn_rate", Float, nullable=True),
+        Column("expected_lifetime_months", Float, nullable=True),
+        Column("ltv", Float, nullable=True),
+        Column("is_active", Boolean, nullable=False),
+        Column("run_id", String(64), nullable=False),
+        schema=schema,
+    )
+    score_runs = Table(
+        "score_runs",
+        metadata,
+        Column("run_id", String(64), primary_key=True),
+        Column("flow_run_id", String(64), nullable=True),
+        Column("flow_name", String(64), nullable=False),
+        Column("as_of", Date, nullable=False),
+        Column("started_at", DateTime(timezone=True), nullable=False),
+        Column("finished_at", DateTime(timezone=True), nullable=True),
+        Column("status", String(16), nullable=False),
+        Column("failed_stage", String(32), nullable=True),
+        Column("message", Text, nullable=True),
+        Column("leads_scored", Integer, nullable=True),
+        Column("accounts_labelled", Integer, nullable=True),
+        Column("conversion_model_version", String(64), nullable=True),
+        Column("value_model_version", String(64), nullable=True),
+        Column("validation_summary", Text, nullable=True),
+        Column("metrics", Text, nullable=True),
+        schema=schema,
+    )
+    frontier = Table(
+        "volume_value_frontier",
+        metadata,
+        Column("as_of", Date, primary_key=True),
+        Column("overlay_weight", Float, primary_key=True),
+        Column("capacity", Integer, nullable=False),
+        Column("expected_conversions", Float, nullable=False),
+        Column("expected_value", Float, nullable=True),
+        Column("run_id", String(64), nullable=False),
+        schema=schema,
+    )
+    return {
+        "lead_scores": lead_scores,
+        "account_ltv": account_ltv,
+        "score_runs": score_runs,
+        "volume_value_frontier": frontier,
+    }
+
+
+def define_truth_table(metadata: MetaData, schema: str | None = None) -> Table:
+    """The simulator's ground truth per lead. The pipeline never reads it."""
+    return Table(
+        "simulation_truth",
+        metadata,
+        Column("lead_id", String(255), primary_key=True),
+        Column("p_convert_ever", Float, nullable=False),
+        Column("conversion_delay_days_mean", Float, nullable=False),
+        Column("p_convert_horizon", Float, nullable=False),
+        Column("expected_ltv", Float, nullable=False),
+        Column("horizon_days", Integer, nullable=False),
+        schema=schema,
+    )

@@ -1,0 +1,1 @@
+"""Pipeline stages, one module each: plain functions first, then a thin Prefect task layer."""
