@@ -113,6 +113,9 @@ class ModelSettings(BaseModel):
     snapshot_count: int = Field(6, ge=1, description="Training snapshots per run")
     snapshot_step_days: int = Field(30, ge=1)
     max_training_rows: int = Field(400_000, ge=1000)
+    max_lead_age_days: int = Field(
+        365, ge=1, description="Older open leads are left out of training snapshots"
+    )
     promotion_tolerance: float = Field(
         0.005, ge=0, description="How much worse on the holdout a new model may be and still win"
     )

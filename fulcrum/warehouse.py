@@ -37,8 +37,14 @@ def create_engine_for(url: str) -> Engine:
             cursor.close()
 
         return engine
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg2"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.get_driver_name() in ("", "psycopg2"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        # Sessions run in UTC so that naive timestamps and casts to timestamptz mean UTC,
+        # whatever the server's default time zone is.
+        return sa.create_engine(
+            parsed, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"}
+        )
     return sa.create_engine(parsed, pool_pre_ping=True)
 
 

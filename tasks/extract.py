@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import logging
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
 import pandas as pd
+import sqlalchemy as sa
+from prefect import get_run_logger, task
+from sqlalchemy.engine import Engine
+
+from fulcrum.contract import SOURCES, SourceContract
+from fulcrum.settings import Settings
+from fulcrum.warehouse import check_source_columns, create_engine_for, source_selectable
+
+logger = logging.getLogger(__name__)
+
+# Rows are pre-filtered in SQL against the cutoff plus this margin, then filtered exactly
+# in pandas. Text timestamps with offsets or a 'T' separator do not compare correctly as
+# strings, and the margin keeps every row that could still fall before the cutoff.
+SQL_FILTER_MARGIN = pd.Timedelta(days=2)
+
+# Later facts about rows that existed at the cutoff: (timestamp column, columns it reveals).
+MASKED_FACTS = {
+    "leads": [("disqualified_at", [])],
+    "opportunities": [("closed_at", ["won", "account_id"])],
+    "billing_accounts": [("cancelled_at", [])],
+}
+
+
+class ExtractError(RuntimeError):
+    """A source could not be read or its values could not be parsed."""
 
 
 @dataclass
@@ -28,3 +57,178 @@ class SourceFrames:
 
     def row_counts(self) -> dict[str, int]:
         return {name: len(frame) for name, frame in self.items()}
+
+
+def as_of_cutoff(as_of: dt.date, timezone: str) -> pd.Timestamp:
+    """Return the UTC instant at which ``as_of`` starts in the business time zone."""
+    local_midnight = dt.datetime.combine(as_of, dt.time(0, 0), tzinfo=ZoneInfo(timezone))
+    return pd.Timestamp(local_midnight).tz_convert("UTC")
+
+
+def to_utc(values: pd.Series, table: str, column: str) -> pd.Series:
+    """Parse a column of timestamps into UTC-aware ones; naive values are taken as UTC.
+
+    Raises ExtractError naming the table, column and a few unparsable values.
+    """
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        return values.dt.tz_convert("UTC").astype("datetime64[ns, UTC]")
+    if pd.api.types.is_datetime64_dtype(values):
+        return values.dt.tz_localize("UTC").astype("datetime64[ns, UTC]")
+    present = values.notna()
+    if not present.any():
+        return pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")
+    texts = values.astype("string")
+    parsed = pd.to_datetime(texts, utc=True, errors="coerce", format="ISO8601")
+    retry = present & parsed.isna()
+    if retry.any():
+        parsed.loc[retry] = pd.to_datetime(texts[retry], utc=True, errors="coerce", format="mixed")
+    bad = present & parsed.isna()
+    if bad.any():
+        examples = values[bad].drop_duplicates().head(3).tolist()
+        raise ExtractError(
+            f"{table}.{column}: {int(bad.sum())} value(s) are not timestamps "
+            f"(examples: {examples}); store ISO 8601 timestamps in UTC or cast them in the mapping"
+        )
+    return parsed.astype("datetime64[ns, UTC]")
+
+
+def _selected_columns(contract: SourceContract, selectable: sa.FromClause) -> list[sa.ColumnElement]:
+    names = contract.column_names
+    if contract.extra_columns_allowed:
+        names = names + [c.name for c in selectable.columns if c.name not in contract.column_names]
+    return [selectable.c[name] for name in names]
+
+
+def build_source_query(
+    engine: Engine, name: str, settings: Settings, cutoff: pd.Timestamp
+) -> sa.Select:
+    """Build the SELECT that reads source ``name`` up to a little past ``cutoff``."""
+    contract = SOURCES[name]
+    selectable = source_selectable(engine, name, settings.sources[name])
+    check_source_columns(name, selectable)
+    created = selectable.c[contract.created_column]
+    bound = (cutoff + SQL_FILTER_MARGIN).to_pydatetime()
+    if engine.dialect.name == "sqlite":
+        # SQLite stores timestamps as text; ISO strings compare in time order.
+        condition = created < bound.strftime("%Y-%m-%d %H:%M:%S")
+    else:
+        condition = sa.cast(created, sa.DateTime(timezone=True)) < bound
+    return sa.select(*_selected_columns(contract, selectable)).where(condition)
+
+
+def query_fingerprint(engine: Engine, query: sa.Select) -> str:
+    """Return a stable hash of the compiled SQL and its parameters, for cache keys."""
+    compiled = query.compile(engine, compile_kwargs={"literal_binds": False})
+    text = f"{engine.dialect.name}|{compiled}|{sorted(compiled.params.items())}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_source(engine: Engine, name: str, query: sa.Select, chunk_rows: int) -> pd.DataFrame:
+    """Read one source in chunks and return it with contract types."""
+    chunks = []
+    with engine.connect() as connection:
+        for chunk in pd.read_sql_query(query, connection, chunksize=chunk_rows):
+            chunks.append(chunk)
+    if chunks:
+        frame = pd.concat(chunks, ignore_index=True)
+    else:
+        frame = pd.DataFrame(columns=[c.name for c in query.selected_columns])
+    return coerce_source_types(frame, SOURCES[name])
+
+
+def coerce_source_types(frame: pd.DataFrame, contract: SourceContract) -> pd.DataFrame:
+    """Cast contract columns: ids to strings, timestamps to UTC, won to nullable boolean.
+
+    Amounts stay as read, so that validation can report text in a numeric column.
+    """
+    frame = frame.copy()
+    for column in contract.columns:
+        values = frame[column.name]
+        if column.kind == "timestamp":
+            frame[column.name] = to_utc(values, contract.name, column.name)
+        elif column.kind == "string":
+            frame[column.name] = values.astype("object").where(values.notna(), None)
+            frame[column.name] = frame[column.name].map(
+                lambda value: value if value is None or isinstance(value, str) else str(value)
+            )
+        elif column.kind == "boolean":
+            frame[column.name] = _to_nullable_boolean(values, contract.name, column.name)
+        elif column.kind in ("integer", "float") and column.name not in ("amount", "cost"):
+            frame[column.name] = pd.to_numeric(values, errors="coerce").astype("float64")
+    return frame
+
+
+def _to_nullable_boolean(values: pd.Series, table: str, column: str) -> pd.Series:
+    mapping = {"true": True, "t": True, "1": True, "yes": True,
+               "false": False, "f": False, "0": False, "no": False}
+    result = pd.Series(pd.NA, index=values.index, dtype="boolean")
+    present = values.notna()
+    texts = values[present].astype(str).str.strip().str.lower()
+    texts = texts.str.replace(r"\.0$", "", regex=True)
+    mapped = texts.map(mapping)
+    bad = mapped.isna()
+    if bad.any():
+        examples = values[present][bad].drop_duplicates().head(3).tolist()
+        raise ExtractError(f"{table}.{column}: values are not booleans (examples: {examples})")
+    result.loc[present] = mapped.astype(bool).to_numpy()
+    return result
+
+
+def restrict_to_cutoff(frame: pd.DataFrame, contract: SourceContract, cutoff: pd.Timestamp) -> pd.DataFrame:
+    """Drop rows created at or after ``cutoff`` and hide facts learned after it."""
+    frame = frame.loc[frame[contract.created_column] < cutoff].reset_index(drop=True)
+    for fact_column, revealed in MASKED_FACTS.get(contract.name, []):
+        later = frame[fact_column] >= cutoff
+        if not later.any():
+            continue
+        frame.loc[later, fact_column] = pd.NaT
+        for column in revealed:
+            frame.loc[later, column] = pd.NA if column == "won" else None
+    return frame
+
+
+def extract_sources(
+    settings: Settings, as_of: dt.date, engine: Engine | None = None
+) -> SourceFrames:
+    """Read all five sources as they stood at the start of ``as_of`` in the business zone."""
+    engine = engine or create_engine_for(settings.warehouse_url.get_secret_value())
+    cutoff = as_of_cutoff(as_of, settings.business_timezone)
+    frames = {}
+    for name in SOURCES:
+        query = build_source_query(engine, name, settings, cutoff)
+        raw = read_source(engine, name, query, settings.chunk_rows)
+        frames[name] = restrict_to_cutoff(raw, SOURCES[name], cutoff)
+        logger.info("extracted %s: %d rows as of %s", name, len(frames[name]), as_of)
+    return SourceFrames(**frames)
+
+
+def extract_cache_key(context, parameters) -> str:
+    """Cache an extract by as-of date, settings of the source mapping and query text only."""
+    settings: Settings = parameters["settings"]
+    mapping = {name: spec.model_dump(by_alias=True) for name, spec in settings.sources.items()}
+    fingerprint = hashlib.sha256(
+        repr(
+            (
+                settings.warehouse_url.get_secret_value(),
+                settings.business_timezone,
+                sorted(mapping.items()),
+            )
+        ).encode()
+    ).hexdigest()[:16]
+    flow_run_id = getattr(getattr(context, "task_run", None), "flow_run_id", None)
+    return f"extract-{parameters['as_of']}-{fingerprint}-{flow_run_id}"
+
+
+@task(
+    name="extract-sources",
+    retries=3,
+    retry_delay_seconds=[5, 20, 60],
+    cache_key_fn=extract_cache_key,
+    persist_result=True,
+)
+def extract_sources_task(settings: Settings, as_of: dt.date) -> SourceFrames:
+    run_logger = get_run_logger()
+    frames = extract_sources(settings, as_of)
+    counts = ", ".join(f"{name} {count:,}" for name, count in frames.row_counts().items())
+    run_logger.info("Extracted sources as of %s: %s rows", as_of, counts)
+    return frames

@@ -1,0 +1,185 @@
+"""The nightly-scores flow: extract, validate, label, train, score and publish for one date."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as runtime_flow_run
+
+from fulcrum.settings import Settings, load_settings, redact_url
+from fulcrum.warehouse import Warehouse
+from flows.reporting import publish_run_artifacts
+from tasks.extract import as_of_cutoff, extract_sources_task
+from tasks.features import (
+    build_scoring_features,
+    build_training_sets_task,
+    event_types_from_columns,
+)
+from tasks.labels import label_accounts_task
+from tasks.publish import publish_scores_task, record_run_end, record_run_start
+from tasks.score import compute_frontier_task, score_leads_task
+from tasks.train import (
+    FeatureSpec,
+    load_champion,
+    train_conversion_task,
+    train_value_task,
+)
+from tasks.validate import validate_sources_task
+
+logger = logging.getLogger(__name__)
+
+
+class StageError(RuntimeError):
+    """A stage of the nightly flow failed; the message names the stage and the cause."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        self.stage = stage
+        super().__init__(f"stage '{stage}' failed: {cause}")
+
+
+@dataclass
+class NightlyResult:
+    """What one nightly run did, for the CLI, the backfill flow and tests."""
+
+    run_id: str
+    as_of: dt.date
+    status: str
+    leads_scored: int = 0
+    accounts_labelled: int = 0
+    conversion_model_version: str | None = None
+    value_model_version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    frontier: pd.DataFrame | None = None
+    validation_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_as_of(as_of: dt.date | str | None, settings: Settings) -> dt.date:
+    """Return the run's data date: the given date, else the scheduled start in the business zone.
+
+    A run started by hand has its start time as its scheduled time, so it scores as of today
+    in the business time zone.
+    """
+    if isinstance(as_of, str):
+        return dt.date.fromisoformat(as_of)
+    if isinstance(as_of, dt.datetime):
+        return as_of.date()
+    if as_of is not None:
+        return as_of
+    scheduled = runtime_flow_run.scheduled_start_time
+    moment = pd.Timestamp(scheduled) if scheduled is not None else pd.Timestamp.now(tz="UTC")
+    if moment.tzinfo is None:
+        moment = moment.tz_localize("UTC")
+    return moment.tz_convert(settings.business_timezone).date()
+
+
+def run_nightly(
+    settings: Settings,
+    as_of: dt.date,
+    flow_name: str = "nightly-scores",
+    retrain: bool = True,
+) -> NightlyResult:
+    """Run every stage for ``as_of`` inside the current flow run and publish the scores."""
+    run_logger = get_run_logger()
+    flow_run_id = runtime_flow_run.id
+    run_id = uuid.uuid4().hex
+    warehouse = Warehouse.from_settings(settings)
+    warehouse.create_output_tables()
+    record_run_start(warehouse, run_id, flow_run_id, flow_name, as_of)
+    cutoff = as_of_cutoff(as_of, settings.business_timezone)
+    result = NightlyResult(run_id=run_id, as_of=as_of, status="running")
+    run_logger.info(
+        "Scoring as of %s (cutoff %s UTC) on warehouse %s, run %s",
+        as_of, cutoff.strftime("%Y-%m-%d %H:%M"), redact_url(warehouse.display_url), run_id,
+    )
+
+    stage = "extract"
+    try:
+        frames = extract_sources_task(settings, as_of)
+
+        stage = "validate"
+        report = validate_sources_task(frames, as_of, cutoff, settings, settings.var_dir / "validation")
+        result.validation_summary = report.summary()
+        report.raise_for_failures()
+
+        stage = "labels"
+        account_ltv = label_accounts_task(frames, cutoff, settings.ltv)
+        result.accounts_labelled = len(account_ltv)
+
+        stage = "features"
+        conversion_set, value_set = build_training_sets_task(frames, account_ltv, cutoff, settings)
+
+        stage = "train"
+        tags = {"prefect_flow_run_id": str(flow_run_id), "as_of": as_of.isoformat(), "fulcrum_run_id": run_id}
+        if retrain:
+            conversion_outcome = train_conversion_task(conversion_set, settings, tags, as_of)
+            value_outcome = train_value_task(value_set, settings, tags, as_of)
+            result.metrics = {"conversion": conversion_outcome.metrics, "value": value_outcome.metrics}
+            result.notes += [note for note in (conversion_outcome.note, value_outcome.note) if note]
+
+        stage = "score"
+        conversion_champion = load_champion(settings, "conversion")
+        if conversion_champion is None:
+            raise RuntimeError(
+                "no conversion model is registered yet and this run could not train one; "
+                "see the warning of the train-conversion-model task for the reason"
+            )
+        value_champion = load_champion(settings, "value")
+        if value_champion is None:
+            result.notes.append("no value model is registered: predicted_ltv is left empty")
+        event_types = event_types_from_columns(conversion_champion.spec.input_columns)
+        scoring = build_scoring_features(frames, cutoff, event_types)
+        lead_scores = score_leads_task(scoring.frame, conversion_champion, value_champion, settings)
+        frontier = compute_frontier_task(lead_scores, settings.rep_capacity)
+        result.conversion_model_version = conversion_champion.version
+        result.value_model_version = value_champion.version if value_champion else None
+        result.leads_scored = len(lead_scores)
+        result.frontier = frontier
+
+        stage = "publish"
+        publish_scores_task(warehouse, as_of, run_id, lead_scores, account_ltv, frontier)
+    except Exception as exc:
+        result.status = "failed"
+        record_run_end(
+            warehouse,
+            run_id,
+            "failed",
+            failed_stage=stage,
+            message=f"{type(exc).__name__}: {exc}",
+            validation_summary=result.validation_summary or None,
+            accounts_labelled=result.accounts_labelled or None,
+        )
+        run_logger.error("Run %s as of %s failed in stage %s: %s", run_id, as_of, stage, exc)
+        raise StageError(stage, exc) from exc
+
+    result.status = "succeeded"
+    record_run_end(
+        warehouse,
+        run_id,
+        "succeeded",
+        leads_scored=result.leads_scored,
+        accounts_labelled=result.accounts_labelled,
+        conversion_model_version=result.conversion_model_version,
+        value_model_version=result.value_model_version,
+        validation_summary=result.validation_summary,
+        metrics={"metrics": result.metrics, "notes": result.notes},
+    )
+    publish_run_artifacts(result, settings)
+    run_logger.info(
+        "Run %s as of %s succeeded: %d leads scored, %d accounts labelled",
+        run_id, as_of, result.leads_scored, result.accounts_labelled,
+    )
+    return result
+
+
+@flow(name="nightly-scores", description="Score every open lead on conversion and account value")
+def nightly_scores(as_of: dt.date | None = None, retrain: bool = True) -> NightlyResult:
+    """Score every open lead as of ``as_of`` (default: the scheduled date in the business zone)."""
+    settings = load_settings()
+    return run_nightly(settings, resolve_as_of(as_of, settings), retrain=retrain)
