@@ -17,6 +17,7 @@ from fulcrum.warehouse import Warehouse
 from flows.reporting import publish_run_artifacts
 from tasks.extract import as_of_cutoff, extract_sources_task
 from tasks.features import (
+    FeatureSet,
     build_scoring_features,
     build_training_sets_task,
     event_types_from_columns,
@@ -58,6 +59,11 @@ class NightlyResult:
     notes: list[str] = field(default_factory=list)
     frontier: pd.DataFrame | None = None
     validation_summary: dict[str, Any] = field(default_factory=dict)
+    registrations: dict[str, Any] = field(default_factory=dict)
+
+
+def feature_spec(features: FeatureSet) -> FeatureSpec:
+    return FeatureSpec(numeric=list(features.numeric), categorical=list(features.categorical))
 
 
 def resolve_as_of(as_of: dt.date | str | None, settings: Settings) -> dt.date:
@@ -118,10 +124,17 @@ def run_nightly(
         stage = "train"
         tags = {"prefect_flow_run_id": str(flow_run_id), "as_of": as_of.isoformat(), "fulcrum_run_id": run_id}
         if retrain:
-            conversion_outcome = train_conversion_task(conversion_set, settings, tags, as_of)
-            value_outcome = train_value_task(value_set, settings, tags, as_of)
-            result.metrics = {"conversion": conversion_outcome.metrics, "value": value_outcome.metrics}
-            result.notes += [note for note in (conversion_outcome.note, value_outcome.note) if note]
+            outcomes = [
+                train_conversion_task(
+                    conversion_set.frame, feature_spec(conversion_set), settings, tags, as_of
+                ),
+                train_value_task(value_set.frame, feature_spec(value_set), settings, tags, as_of),
+            ]
+            for outcome in outcomes:
+                result.metrics[outcome.kind] = dict(outcome.metrics)
+                result.registrations[outcome.kind] = outcome
+                if not outcome.promoted:
+                    result.notes.append(f"{outcome.kind} model: {outcome.reason}")
 
         stage = "score"
         conversion_champion = load_champion(settings, "conversion")

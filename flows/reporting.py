@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEADLINE_METRICS = {
-    "conversion": ("roc_auc", "pr_auc", "brier", "top_decile_lift"),
-    "value": ("spearman", "mae_log"),
+    "conversion": ("roc_auc", "pr_auc", "brier", "lift_top_decile"),
+    "value": ("spearman", "mae_log_ltv"),
 }
 
 

@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Prefect's client logs every API request at INFO through httpx.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     handlers = {
         "init-db": command_init_db,
         "simulate": command_simulate,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from fulcrum.contract import LEADS
 from fulcrum.settings import Settings
@@ -309,7 +310,7 @@ def build_scoring_features(
     return build_lead_features(frames.leads, frames.lead_events, points, numeric, categorical, event_types)
 
 
-@task(name="build-training-sets")
+@task(name="build-training-sets", cache_policy=NO_CACHE)
 def build_training_sets_task(
     frames: SourceFrames, account_ltv: pd.DataFrame, cutoff: pd.Timestamp, settings: Settings
 ) -> tuple[FeatureSet, FeatureSet]:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from sqlalchemy.engine import Connection
 
 from fulcrum.warehouse import Warehouse
@@ -126,7 +127,7 @@ def latest_successful_run(warehouse: Warehouse, as_of: dt.date) -> dict | None:
     return dict(row) if row else None
 
 
-@task(name="publish-scores", retries=2, retry_delay_seconds=[10, 30])
+@task(name="publish-scores", retries=2, retry_delay_seconds=[10, 30], cache_policy=NO_CACHE)
 def publish_scores_task(
     warehouse: Warehouse,
     as_of: dt.date,
