@@ -24,7 +24,8 @@ from tasks.features import (
 )
 from tasks.labels import label_accounts_task
 from tasks.publish import publish_scores_task, record_run_end, record_run_start
-from tasks.score import compute_frontier_task, score_leads_task
+from tasks.labels import ACCOUNT_LTV_COLUMNS
+from tasks.score import FRONTIER_COLUMNS, SCORE_COLUMNS, compute_frontier_task, score_leads_task
 from tasks.train import (
     FeatureSpec,
     load_champion,
@@ -115,45 +116,33 @@ def run_nightly(
         report.raise_for_failures()
 
         stage = "labels"
-        account_ltv = label_accounts_task(frames, cutoff, settings.ltv)
+        if settings.has_billing:
+            account_ltv = label_accounts_task(frames, cutoff, settings.ltv)
+        else:
+            account_ltv = empty_account_ltv()
+            result.notes.append(
+                "skipped LTV labels and the value model: billing_accounts and invoices are "
+                "declared absent, so scores carry no predicted_ltv"
+            )
         result.accounts_labelled = len(account_ltv)
 
-        stage = "features"
-        conversion_set, value_set = build_training_sets_task(frames, account_ltv, cutoff, settings)
+        lead_scores, frontier = empty_lead_scores(), empty_frontier()
+        if settings.has_crm:
+            stage = "features"
+            conversion_set, value_set = build_training_sets_task(frames, account_ltv, cutoff, settings)
 
-        stage = "train"
-        tags = {"prefect_flow_run_id": str(flow_run_id), "as_of": as_of.isoformat(), "fulcrum_run_id": run_id}
-        if retrain:
-            outcomes = [
-                train_conversion_task(
-                    conversion_set.frame, feature_spec(conversion_set), settings, tags, as_of
-                ),
-                train_value_task(value_set.frame, feature_spec(value_set), settings, tags, as_of),
-            ]
-            for outcome in outcomes:
-                result.metrics[outcome.kind] = dict(outcome.metrics)
-                result.registrations[outcome.kind] = outcome
-                if not outcome.promoted:
-                    result.notes.append(f"{outcome.kind} model: {outcome.reason}")
+            stage = "train"
+            tags = {"prefect_flow_run_id": str(flow_run_id), "as_of": as_of.isoformat(), "fulcrum_run_id": run_id}
+            if retrain:
+                train_both_models(result, conversion_set, value_set, settings, tags, as_of)
 
-        stage = "score"
-        conversion_champion = load_champion(settings, "conversion")
-        if conversion_champion is None:
-            raise RuntimeError(
-                "no conversion model is registered yet and this run could not train one; "
-                "see the warning of the train-conversion-model task for the reason"
+            stage = "score"
+            lead_scores, frontier = score_open_leads(result, frames, cutoff, settings)
+        else:
+            result.notes.append(
+                "skipped features, both models and scoring: leads and opportunities are "
+                "declared absent, so only account_ltv is published"
             )
-        value_champion = load_champion(settings, "value")
-        if value_champion is None:
-            result.notes.append("no value model is registered: predicted_ltv is left empty")
-        event_types = event_types_from_columns(conversion_champion.spec.input_columns)
-        scoring = build_scoring_features(frames, cutoff, event_types)
-        lead_scores = score_leads_task(scoring.frame, conversion_champion, value_champion, settings)
-        frontier = compute_frontier_task(lead_scores, settings.rep_capacity)
-        result.conversion_model_version = conversion_champion.version
-        result.value_model_version = value_champion.version if value_champion else None
-        result.leads_scored = len(lead_scores)
-        result.frontier = frontier
 
         stage = "publish"
         publish_scores_task(warehouse, as_of, run_id, lead_scores, account_ltv, frontier)
@@ -189,6 +178,63 @@ def run_nightly(
         run_id, as_of, result.leads_scored, result.accounts_labelled,
     )
     return result
+
+
+def train_both_models(
+    result: NightlyResult,
+    conversion_set: FeatureSet,
+    value_set: FeatureSet,
+    settings: Settings,
+    tags: dict[str, str],
+    as_of: dt.date,
+) -> None:
+    """Retrain both models and record their metrics and promotion outcome on ``result``."""
+    outcomes = [
+        train_conversion_task(conversion_set.frame, feature_spec(conversion_set), settings, tags, as_of)
+    ]
+    if settings.has_billing:
+        outcomes.append(train_value_task(value_set.frame, feature_spec(value_set), settings, tags, as_of))
+    for outcome in outcomes:
+        result.metrics[outcome.kind] = dict(outcome.metrics)
+        result.registrations[outcome.kind] = outcome
+        if not outcome.promoted:
+            result.notes.append(f"{outcome.kind} model: {outcome.reason}")
+
+
+def score_open_leads(
+    result: NightlyResult, frames, cutoff: pd.Timestamp, settings: Settings
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Score every open lead with the champions and compute the frontier."""
+    conversion_champion = load_champion(settings, "conversion")
+    if conversion_champion is None:
+        raise RuntimeError(
+            "no conversion model is registered yet and this run could not train one; "
+            "see the warning of the train-conversion-model task for the reason"
+        )
+    value_champion = load_champion(settings, "value") if settings.has_billing else None
+    if value_champion is None and settings.has_billing:
+        result.notes.append("no value model is registered yet: predicted_ltv is left empty")
+    event_types = event_types_from_columns(conversion_champion.spec.input_columns)
+    scoring = build_scoring_features(frames, cutoff, event_types)
+    lead_scores = score_leads_task(scoring.frame, conversion_champion, value_champion, settings)
+    frontier = compute_frontier_task(lead_scores, settings.rep_capacity)
+    result.conversion_model_version = conversion_champion.version
+    result.value_model_version = value_champion.version if value_champion else None
+    result.leads_scored = len(lead_scores)
+    result.frontier = frontier
+    return lead_scores, frontier
+
+
+def empty_account_ltv() -> pd.DataFrame:
+    return pd.DataFrame(columns=ACCOUNT_LTV_COLUMNS)
+
+
+def empty_lead_scores() -> pd.DataFrame:
+    return pd.DataFrame(columns=SCORE_COLUMNS)
+
+
+def empty_frontier() -> pd.DataFrame:
+    return pd.DataFrame(columns=FRONTIER_COLUMNS)
 
 
 @flow(name="nightly-scores", description="Score every open lead on conversion and account value")

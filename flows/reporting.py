@@ -52,10 +52,13 @@ def render_summary_markdown(result: "NightlyResult", settings: Settings) -> str:
         lines += ["## Holdout metrics of the models trained tonight", "", "| model | metric | value |", "|---|---|---|"]
         lines += [f"| {model} | {name} | {value:.4f} |" for model, name, value in rows]
         lines.append("")
-    for model in ("conversion", "value"):
-        info = (result.metrics.get(model) or {})
-        if info.get("mlflow_run_url"):
-            lines.append(f"- MLflow run of the {model} model: {info['mlflow_run_url']}")
+    for kind, registration in result.registrations.items():
+        if registration.run_id:
+            lines.append(
+                f"- MLflow run of the {kind} model: `{registration.run_id}` in experiment "
+                f"`{settings.experiment_name}`, version {registration.new_version} of "
+                f"`{registration.model_name}` ({registration.reason})"
+            )
     if result.notes:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
     return "\n".join(lines) + "\n"

@@ -47,16 +47,25 @@ def redact_url(url: str) -> str:
 
 
 class SourceSpec(BaseModel):
-    """Where one source is read from: a table (optionally in a schema) or a SQL SELECT."""
+    """Where one source is read from: a table (optionally in a schema) or a SQL SELECT.
+
+    ``absent = true`` declares that the warehouse has no such data. The run then skips
+    the stages that need it (see docs/data-contract.md) and says so.
+    """
 
     table: str | None = None
     schema_name: str | None = Field(default=None, alias="schema")
     sql: str | None = None
+    absent: bool = False
 
     model_config = {"populate_by_name": True, "extra": "forbid"}
 
     @model_validator(mode="after")
     def _check_one_of(self) -> "SourceSpec":
+        if self.absent:
+            if self.table is not None or self.sql is not None:
+                raise ValueError("a source declared absent takes no 'table' or 'sql'")
+            return self
         if (self.table is None) == (self.sql is None):
             raise ValueError("a source mapping needs exactly one of 'table' or 'sql'")
         if self.table is not None:
@@ -207,7 +216,26 @@ class Settings(BaseSettings):
             )
         merged = _default_sources()
         merged.update(value)
+        for group in (("billing_accounts", "invoices"), ("leads", "opportunities")):
+            flags = {name: merged[name].absent for name in group}
+            if len(set(flags.values())) > 1:
+                raise ValueError(
+                    f"sources {list(group)} must be absent together or present together. "
+                    f"Got absent={flags}."
+                )
+        if merged["leads"].absent and not merged["lead_events"].absent:
+            raise ValueError("sources.lead_events needs sources.leads; declare both absent")
         return merged
+
+    @property
+    def has_crm(self) -> bool:
+        """Whether leads and opportunities are mapped, so conversion scores can be made."""
+        return not self.sources["leads"].absent
+
+    @property
+    def has_billing(self) -> bool:
+        """Whether accounts and invoices are mapped, so LTV labels can be made."""
+        return not self.sources["billing_accounts"].absent
 
     @property
     def timezone(self) -> ZoneInfo:

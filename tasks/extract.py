@@ -187,6 +187,11 @@ def restrict_to_cutoff(frame: pd.DataFrame, contract: SourceContract, cutoff: pd
     return frame
 
 
+def empty_source(contract: SourceContract) -> pd.DataFrame:
+    """Return a zero-row frame with the contract's columns and types, for an absent source."""
+    return coerce_source_types(pd.DataFrame(columns=contract.column_names), contract)
+
+
 def extract_sources(
     settings: Settings, as_of: dt.date, engine: Engine | None = None
 ) -> SourceFrames:
@@ -195,6 +200,10 @@ def extract_sources(
     cutoff = as_of_cutoff(as_of, settings.business_timezone)
     frames = {}
     for name in SOURCES:
+        if settings.sources[name].absent:
+            frames[name] = empty_source(SOURCES[name])
+            logger.info("skipped %s: the source is declared absent", name)
+            continue
         query = build_source_query(engine, name, settings, cutoff)
         raw = read_source(engine, name, query, settings.chunk_rows)
         frames[name] = restrict_to_cutoff(raw, SOURCES[name], cutoff)

@@ -283,12 +283,19 @@ def build_value_training_set(
         & opportunities["account_id"].notna()
     ].sort_values("closed_at")
     won = won.drop_duplicates("account_id", keep="first").drop_duplicates("lead_id", keep="first")
-    labelled = account_ltv.loc[account_ltv["ltv"].notna() & (account_ltv["ltv"] > 0), ["account_id", "ltv"]]
+    ltv = pd.to_numeric(account_ltv["ltv"], errors="coerce")
+    labelled = account_ltv.loc[ltv.notna() & (ltv > 0), ["account_id", "ltv"]]
     rows = won.merge(labelled, on="account_id", how="inner")
     rows = rows.loc[rows["lead_id"].isin(frames.leads["lead_id"])]
 
     numeric, categorical = lead_attribute_columns(frames.leads)
-    points = pd.DataFrame({"lead_id": rows["lead_id"].to_numpy(), "feature_time": rows["closed_at"].to_numpy()})
+    points = pd.DataFrame(
+        {
+            "lead_id": rows["lead_id"].to_numpy(),
+            "feature_time": pd.to_datetime(rows["closed_at"], utc=True).astype("datetime64[ns, UTC]").to_numpy(),
+        }
+    )
+    points["feature_time"] = points["feature_time"].astype("datetime64[ns, UTC]")
     features = build_lead_features(frames.leads, frames.lead_events, points, numeric, categorical, None)
     # Lead age at conversion is not known for an open lead, so it is not a value input.
     features.frame = features.frame.drop(columns="lead_age_days")

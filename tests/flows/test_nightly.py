@@ -128,3 +128,34 @@ def test_as_of_defaults_to_today_in_business_zone(monkeypatch, tmp_path):
 
     assert resolve_as_of(None, settings) == today_there
     assert resolve_as_of("2024-02-29", settings) == dt.date(2024, 2, 29)
+
+
+def test_run_without_billing_scores_conversion_only(flow_env, monkeypatch):
+    monkeypatch.setenv(
+        "FULCRUM_SOURCES",
+        '{"billing_accounts": {"absent": true}, "invoices": {"absent": true}}',
+    )
+
+    result = nightly_scores(as_of=AS_OF)
+
+    scores = read("SELECT * FROM lead_scores")
+    assert len(scores) == result.leads_scored > 0
+    assert scores["predicted_ltv"].isna().all()
+    assert scores["value_model_version"].isna().all()
+    assert read("SELECT COUNT(*) AS n FROM account_ltv")["n"].iloc[0] == 0
+    assert any("skipped LTV labels and the value model" in note for note in result.notes)
+
+
+def test_run_without_crm_publishes_labels_only(flow_env, monkeypatch):
+    monkeypatch.setenv(
+        "FULCRUM_SOURCES",
+        '{"leads": {"absent": true}, "lead_events": {"absent": true}, '
+        '"opportunities": {"absent": true}}',
+    )
+
+    result = nightly_scores(as_of=AS_OF)
+
+    assert result.status == "succeeded"
+    assert read("SELECT COUNT(*) AS n FROM lead_scores")["n"].iloc[0] == 0
+    assert read("SELECT COUNT(*) AS n FROM account_ltv")["n"].iloc[0] == result.accounts_labelled > 0
+    assert any("skipped features, both models and scoring" in note for note in result.notes)

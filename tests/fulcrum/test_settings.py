@@ -113,3 +113,14 @@ def test_invalid_values_are_rejected(monkeypatch, tmp_path, field, value, messag
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValidationError, match=message):
         Settings(**{field: value})
+
+
+def test_absent_sources_must_come_in_pairs(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValidationError, match="absent together"):
+        Settings(sources={"invoices": {"absent": True}})
+
+    settings = Settings(sources={"invoices": {"absent": True}, "billing_accounts": {"absent": True}})
+
+    assert settings.has_crm
+    assert not settings.has_billing
