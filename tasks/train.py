@@ -34,6 +34,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from scipy.stats import spearmanr
+from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.calibration import CalibratedClassifierCV, calibration_curve
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
@@ -73,12 +74,14 @@ CONVERSION_BOOSTING_PARAMS: dict[str, Any] = {
     "min_samples_leaf": 40,
     "l2_regularization": 1.0,
 }
+# The value booster fits ln(LTV) with squared error. Smaller trees with larger leaves than the
+# conversion model's, because converted accounts number hundreds to thousands, not millions.
 VALUE_BOOSTING_PARAMS: dict[str, Any] = {
-    "loss": "gamma",
+    "loss": "squared_error",
     "learning_rate": 0.05,
     "max_iter": 200,
-    "max_leaf_nodes": 15,
-    "min_samples_leaf": 10,
+    "max_leaf_nodes": 8,
+    "min_samples_leaf": 40,
     "l2_regularization": 1.0,
 }
 
@@ -86,6 +89,7 @@ VALUE_BOOSTING_PARAMS: dict[str, Any] = {
 # ones the two pipelines contain (HistGradientBoosting trees, calibration maps, the CV
 # splitter). They are trusted on the assumption that only this module writes to the registry.
 SKOPS_TRUSTED_TYPES = [
+    "tasks.train.SmearedLogRegressor",
     "functools.partial",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
@@ -370,7 +374,7 @@ def train_value_model(
 
     ``train_set`` has ``lead_id``, ``feature_time`` (the conversion time), the spec's input
     columns and ``ltv`` (> 0). Rows with a missing, infinite or non-positive LTV are dropped
-    with a warning, because the gamma loss is defined only for positive targets.
+    with a warning, because the model fits ln(LTV), which is defined only for positive values.
     """
     _require_columns(train_set, ["lead_id", "feature_time", "ltv"], "value training set")
     model_settings = settings.model
@@ -498,14 +502,41 @@ def build_conversion_pipeline(spec: FeatureSpec, method: str, folds: int, seed: 
     return Pipeline([("encode", build_encoder(spec)), ("classify", calibrated)])
 
 
+class SmearedLogRegressor(RegressorMixin, BaseEstimator):
+    """Fit a regressor on ln(y) and predict the mean of y with Duan's smearing factor.
+
+    Ranking by a log-target model is robust to the heavy right tail of LTV. Back-transforming
+    with exp alone would predict roughly the geometric mean, which is too low for
+    p_convert x predicted_ltv, so predictions are multiplied by mean(exp(residual)) over the
+    fitting rows. The factor assumes residuals of similar spread for every account.
+    """
+
+    def __init__(self, regressor: Any = None):
+        self.regressor = regressor
+
+    def fit(self, X, y):
+        y = np.asarray(y, dtype=np.float64)
+        if (y <= 0).any():
+            raise ValueError("SmearedLogRegressor needs positive targets")
+        self.regressor_ = clone(self.regressor).fit(X, np.log(y))
+        residuals = np.log(y) - self.regressor_.predict(X)
+        self.smearing_factor_ = float(np.mean(np.exp(residuals)))
+        return self
+
+    def predict(self, X):
+        return np.exp(self.regressor_.predict(X)) * self.smearing_factor_
+
+
 def build_value_pipeline(spec: FeatureSpec, seed: int) -> Pipeline:
-    """Build the unfitted encoder + gradient boosting regressor with gamma loss."""
+    """Build the unfitted encoder + log-target gradient boosting regressor with smearing."""
     booster = HistGradientBoostingRegressor(
         **VALUE_BOOSTING_PARAMS,
         categorical_features=_categorical_mask(spec),
         random_state=seed,
     )
-    return Pipeline([("encode", build_encoder(spec)), ("regress", booster)])
+    return Pipeline(
+        [("encode", build_encoder(spec)), ("regress", SmearedLogRegressor(booster))]
+    )
 
 
 def build_encoder(spec: FeatureSpec) -> ColumnTransformer:
