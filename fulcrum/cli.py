@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same tables")
     simulate.add_argument("--url", help="target SQLAlchemy URL (default: settings.warehouse_url)")
     simulate.add_argument(
-        "--end", type=_iso_date, default=None, help="last simulated day, YYYY-MM-DD (default: today, UTC)"
+        "--end",
+        type=_iso_date,
+        default=None,
+        help="first day after the simulated period, YYYY-MM-DD; every timestamp is before it "
+        "(default: today, UTC)",
     )
 
     run = commands.add_parser("run", help="run the nightly-scores flow once on an existing warehouse")
@@ -168,7 +172,7 @@ def command_demo(args: argparse.Namespace) -> int:
         leads=args.leads,
         months=DEMO_MONTHS,
         seed=args.seed,
-        end=today - dt.timedelta(days=1),
+        end=today,
         horizon_days=settings.horizon_days,
         progress=sys.stderr.isatty(),
     )
