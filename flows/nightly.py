@@ -12,6 +12,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 
+from fulcrum.lock import RunLock, RunLockTimeout
 from fulcrum.settings import Settings, load_settings, redact_url
 from fulcrum.warehouse import Warehouse
 from flows.reporting import publish_run_artifacts
@@ -23,12 +24,21 @@ from tasks.features import (
     event_types_from_columns,
 )
 from tasks.labels import label_accounts_task
-from tasks.publish import publish_scores_task, record_run_end, record_run_start
+from tasks.publish import (
+    previous_successful_run,
+    publish_scores_task,
+    record_run_end,
+    record_run_start,
+)
 from tasks.labels import ACCOUNT_LTV_COLUMNS
 from tasks.score import FRONTIER_COLUMNS, SCORE_COLUMNS, compute_frontier_task, score_leads_task
 from tasks.train import (
+    ChampionModel,
     FeatureSpec,
+    ModelKind,
+    champion_version_as_of,
     load_champion,
+    load_model_version,
     train_conversion_task,
     train_value_task,
 )
@@ -61,10 +71,18 @@ class NightlyResult:
     frontier: pd.DataFrame | None = None
     validation_summary: dict[str, Any] = field(default_factory=dict)
     registrations: dict[str, Any] = field(default_factory=dict)
+    flow_run_id: str | None = None
+    scoring_run_ids: dict[str, str] = field(default_factory=dict)
+    previous_model_versions: dict[str, str | None] | None = None
+    rows_published: dict[str, int] = field(default_factory=dict)
 
 
 def feature_spec(features: FeatureSet) -> FeatureSpec:
-    return FeatureSpec(numeric=list(features.numeric), categorical=list(features.categorical))
+    # scikit-learn 1.9's HistGradientBoosting raises on a numeric column without any value
+    # (employees when the CRM has none, event ages when lead_events is absent), so such
+    # columns are left out of the model.
+    numeric = [name for name in features.numeric if features.frame[name].notna().any()]
+    return FeatureSpec(numeric=numeric, categorical=list(features.categorical))
 
 
 def resolve_as_of(as_of: dt.date | str | None, settings: Settings) -> dt.date:
@@ -91,16 +109,70 @@ def run_nightly(
     as_of: dt.date,
     flow_name: str = "nightly-scores",
     retrain: bool = True,
+    champions_as_of: dt.date | None = None,
 ) -> NightlyResult:
-    """Run every stage for ``as_of`` inside the current flow run and publish the scores."""
+    """Run every stage for ``as_of`` inside the current flow run and publish the scores.
+
+    The run holds the warehouse lock (fulcrum/lock.py) from its audit row to its last write,
+    so two runs never interleave their rows. With ``champions_as_of`` it scores with the
+    models that were champion for that data date, instead of the current champions.
+    """
     run_logger = get_run_logger()
     flow_run_id = runtime_flow_run.id
     run_id = uuid.uuid4().hex
     warehouse = Warehouse.from_settings(settings)
+    lock = RunLock.from_settings(warehouse.engine, settings)
+    try:
+        lock.acquire(run_id, flow_run_id, run_logger)
+    except RunLockTimeout as exc:
+        record_lock_timeout(warehouse, run_id, flow_run_id, flow_name, as_of, exc)
+        run_logger.error("Run %s as of %s did not start: %s", run_id, as_of, exc)
+        raise StageError("lock", exc) from exc
+    try:
+        return run_stages(
+            settings, warehouse, as_of, run_id, flow_run_id, flow_name, retrain, champions_as_of
+        )
+    finally:
+        lock.release(run_id, run_logger)
+
+
+def record_lock_timeout(
+    warehouse: Warehouse,
+    run_id: str,
+    flow_run_id: str | None,
+    flow_name: str,
+    as_of: dt.date,
+    exc: RunLockTimeout,
+) -> None:
+    """Leave the failed audit row of a run that never got the warehouse lock.
+
+    Only this run's own score_runs row is written, so the run holding the lock is not disturbed.
+    """
     warehouse.create_output_tables()
+    record_run_start(warehouse, run_id, flow_run_id, flow_name, as_of)
+    record_run_end(
+        warehouse, run_id, "failed", failed_stage="lock", message=f"{type(exc).__name__}: {exc}"
+    )
+
+
+def run_stages(
+    settings: Settings,
+    warehouse: Warehouse,
+    as_of: dt.date,
+    run_id: str,
+    flow_run_id: str | None,
+    flow_name: str,
+    retrain: bool,
+    champions_as_of: dt.date | None,
+) -> NightlyResult:
+    """Run every stage for ``as_of`` and publish the scores; the caller holds the lock."""
+    run_logger = get_run_logger()
+    warehouse.create_output_tables()
+    warehouse.fail_abandoned_runs(dt.timedelta(hours=settings.stale_run_after_hours))
     record_run_start(warehouse, run_id, flow_run_id, flow_name, as_of)
     cutoff = as_of_cutoff(as_of, settings.business_timezone)
     result = NightlyResult(run_id=run_id, as_of=as_of, status="running")
+    result.flow_run_id = None if flow_run_id is None else str(flow_run_id)
     run_logger.info(
         "Scoring as of %s (cutoff %s UTC) on warehouse %s, run %s",
         as_of, cutoff.strftime("%Y-%m-%d %H:%M"), redact_url(warehouse.display_url), run_id,
@@ -137,7 +209,9 @@ def run_nightly(
                 train_both_models(result, conversion_set, value_set, settings, tags, as_of)
 
             stage = "score"
-            lead_scores, frontier = score_open_leads(result, frames, cutoff, settings)
+            lead_scores, frontier = score_open_leads(
+                result, frames, cutoff, settings, champions_as_of
+            )
         else:
             result.notes.append(
                 "skipped features, both models and scoring: leads and opportunities are "
@@ -145,7 +219,10 @@ def run_nightly(
             )
 
         stage = "publish"
-        publish_scores_task(warehouse, as_of, run_id, lead_scores, account_ltv, frontier)
+        result.previous_model_versions = previous_model_versions(warehouse, as_of)
+        result.rows_published = publish_scores_task(
+            warehouse, as_of, run_id, lead_scores, account_ltv, frontier
+        )
     except Exception as exc:
         result.status = "failed"
         record_run_end(
@@ -202,16 +279,22 @@ def train_both_models(
 
 
 def score_open_leads(
-    result: NightlyResult, frames, cutoff: pd.Timestamp, settings: Settings
+    result: NightlyResult,
+    frames,
+    cutoff: pd.Timestamp,
+    settings: Settings,
+    champions_as_of: dt.date | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Score every open lead with the champions and compute the frontier."""
-    conversion_champion = load_champion(settings, "conversion")
+    conversion_champion = load_scoring_model(result, settings, "conversion", champions_as_of)
     if conversion_champion is None:
         raise RuntimeError(
             "no conversion model is registered yet and this run could not train one; "
             "see the warning of the train-conversion-model task for the reason"
         )
-    value_champion = load_champion(settings, "value") if settings.has_billing else None
+    value_champion = None
+    if settings.has_billing:
+        value_champion = load_scoring_model(result, settings, "value", champions_as_of)
     if value_champion is None and settings.has_billing:
         result.notes.append("no value model is registered yet: predicted_ltv is left empty")
     event_types = event_types_from_columns(conversion_champion.spec.input_columns)
@@ -220,9 +303,51 @@ def score_open_leads(
     frontier = compute_frontier_task(lead_scores, settings.rep_capacity)
     result.conversion_model_version = conversion_champion.version
     result.value_model_version = value_champion.version if value_champion else None
+    for champion in (conversion_champion, value_champion):
+        if champion is not None and champion.run_id:
+            result.scoring_run_ids[champion.kind] = champion.run_id
     result.leads_scored = len(lead_scores)
     result.frontier = frontier
     return lead_scores, frontier
+
+
+def load_scoring_model(
+    result: NightlyResult, settings: Settings, kind: ModelKind, champions_as_of: dt.date | None
+) -> ChampionModel | None:
+    """Load the current champion, or the one of ``champions_as_of``, and note which on ``result``.
+
+    When the registry records no champion for that date, the current champion scores and a
+    note records it, because the scores may then use a model trained on later data.
+    """
+    if champions_as_of is None:
+        return load_champion(settings, kind)
+
+    version = champion_version_as_of(settings, kind, champions_as_of)
+    if version is not None:
+        result.notes.append(
+            f"{kind} model: scored with version {version}, the champion as of {champions_as_of}"
+        )
+        return load_model_version(settings, kind, version)
+
+    current = load_champion(settings, kind)
+    if current is not None:
+        result.notes.append(
+            f"{kind} model: the registry records no champion as of {champions_as_of}, so the "
+            f"current champion version {current.version} scored"
+        )
+    return current
+
+
+def previous_model_versions(warehouse: Warehouse, as_of: dt.date) -> dict[str, str | None] | None:
+    """Return the model versions and date of the newest succeeded run before ``as_of``, or None."""
+    previous = previous_successful_run(warehouse, as_of)
+    if previous is None:
+        return None
+    return {
+        "as_of": previous["as_of"].isoformat(),
+        "conversion": previous["conversion_model_version"],
+        "value": previous["value_model_version"],
+    }
 
 
 def empty_account_ltv() -> pd.DataFrame:

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from fulcrum.datasets.cli import add_load_parser, command_load
+
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -71,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-retrain", action="store_true", help="score with the current champions only")
 
+    backfill = commands.add_parser(
+        "backfill", help="score a range of past dates point in time, oldest first (backfill-scores flow)"
+    )
+    backfill.add_argument("--start", required=True, help="first data date, YYYY-MM-DD")
+    backfill.add_argument("--end", required=True, help="last data date, YYYY-MM-DD, included")
+    backfill.add_argument(
+        "--every", choices=("day", "week", "month"), default="day", help="step between dates (default: day)"
+    )
+    backfill.add_argument(
+        "--retrain", action="store_true",
+        help="retrain both models at each date (default: score with the models that were champion then)",
+    )
+    backfill.add_argument(
+        "--force", action="store_true", help="score dates again that already have a succeeded run"
+    )
+
     demo = commands.add_parser(
         "demo", help="simulate a company into the embedded SQLite warehouse and score it"
     )
@@ -79,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("settings", help="print the resolved settings with passwords masked")
     show.add_argument("--json", action="store_true", help="print JSON instead of TOML-like lines")
+
+    add_load_parser(commands)
     return parser
 
 
@@ -96,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         "init-db": command_init_db,
         "simulate": command_simulate,
         "run": command_run,
+        "backfill": command_backfill,
         "demo": command_demo,
         "settings": command_settings,
+        "load": command_load,
     }
     from pydantic import ValidationError
 
@@ -157,6 +179,32 @@ def command_run(args: argparse.Namespace) -> int:
     result = nightly_scores(as_of=args.as_of, retrain=not args.no_retrain)
     print_result(result)
     return 0 if result.status == "succeeded" else 1
+
+
+def command_backfill(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from flows.backfill import BackfillError, backfill_dates, backfill_scores
+
+    # Checked before the flow starts, so a typo fails at once instead of after Prefect's startup.
+    try:
+        backfill_dates(args.start, args.end, args.every)
+    except ValueError as exc:
+        print(f"fulcrum backfill: {exc}", file=sys.stderr)
+        return 2
+
+    try:
+        # Log lines are written above the progress bar instead of through it.
+        with logging_redirect_tqdm():
+            report = backfill_scores(
+                start=args.start, end=args.end, every=args.every, retrain=args.retrain, force=args.force
+            )
+    except BackfillError as exc:
+        print(exc.report.describe())
+        print(f"fulcrum backfill: {exc}", file=sys.stderr)
+        return 1
+    print(report.describe())
+    return 0
 
 
 def command_demo(args: argparse.Namespace) -> int:

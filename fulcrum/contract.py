@@ -7,7 +7,10 @@ negative amounts. docs/data-contract.md states the same rules for people.
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import (
     Boolean,
@@ -140,8 +143,10 @@ SOURCES: dict[str, SourceContract] = {
 
 INVOICE_KINDS = ("charge", "refund", "credit")
 
+# Identifiers and labels are Text, not VARCHAR(n): a CRM id or a category may be longer than
+# any fixed limit, and PostgreSQL rejects a value longer than VARCHAR's length.
 _SQL_TYPES = {
-    "string": lambda: String(255),
+    "string": Text,
     "timestamp": lambda: DateTime(timezone=True),
     "integer": Integer,
     "float": Float,
@@ -175,13 +180,34 @@ def define_source_tables(metadata: MetaData, schema: str | None = None) -> dict[
     return tables
 
 
+def current_process_identity() -> str:
+    """Return ``host:pid:start`` for this process, the value of ``score_runs.process``.
+
+    ``start`` is the process start time in clock ticks since boot, read from /proc on Linux
+    and empty elsewhere. It tells a process apart from a later one that reuses its pid.
+    """
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{process_start_ticks(pid) or ''}"
+
+
+def process_start_ticks(pid: int) -> str | None:
+    """Return the start time of process ``pid`` in clock ticks since boot, or None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name in brackets may contain spaces, so fields are counted after it.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else None
+
+
 def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[str, Table]:
     """Add the four tables Fulcrum writes to ``metadata``."""
     lead_scores = Table(
         "lead_scores",
         metadata,
         Column("as_of", Date, primary_key=True),
-        Column("lead_id", String(255), primary_key=True),
+        Column("lead_id", Text, primary_key=True),
         Column("p_convert", Float, nullable=False),
         Column("predicted_ltv", Float, nullable=True),
         Column("expected_value", Float, nullable=True),
@@ -201,8 +227,8 @@ def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[
         "account_ltv",
         metadata,
         Column("as_of", Date, primary_key=True),
-        Column("account_id", String(255), primary_key=True),
-        Column("segment", String(255), nullable=True),
+        Column("account_id", Text, primary_key=True),
+        Column("segment", Text, nullable=True),
         Column("currency", String(3), nullable=False),
         Column("months_billed", Float, nullable=False),
         Column("revenue", Float, nullable=False),
@@ -234,6 +260,9 @@ def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[
         Column("value_model_version", String(64), nullable=True),
         Column("validation_summary", Text, nullable=True),
         Column("metrics", Text, nullable=True),
+        # Filled in on insert, so that a later run can tell a row whose process has ended
+        # from the row of a run that is still going.
+        Column("process", Text, nullable=True, default=current_process_identity),
         schema=schema,
     )
     frontier = Table(
@@ -260,7 +289,7 @@ def define_truth_table(metadata: MetaData, schema: str | None = None) -> Table:
     return Table(
         "simulation_truth",
         metadata,
-        Column("lead_id", String(255), primary_key=True),
+        Column("lead_id", Text, primary_key=True),
         Column("p_convert_ever", Float, nullable=False),
         Column("conversion_delay_days_mean", Float, nullable=False),
         Column("p_convert_horizon", Float, nullable=False),

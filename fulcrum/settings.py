@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
@@ -26,6 +27,13 @@ from sqlalchemy.engine import make_url
 SOURCE_NAMES = ("leads", "lead_events", "opportunities", "billing_accounts", "invoices")
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_BLOCK_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+
+# Each setting that can be read from a Prefect Secret block, and the setting naming the block.
+_SECRET_BLOCK_FIELDS = {
+    "warehouse_url": "warehouse_url_secret_block",
+    "mlflow_tracking_uri": "mlflow_tracking_uri_secret_block",
+}
 
 
 def validate_identifier(value: str, what: str) -> str:
@@ -142,8 +150,37 @@ class Settings(BaseSettings):
     """Everything a Fulcrum run needs to know, resolved once at run start."""
 
     warehouse_url: SecretStr = SecretStr("sqlite:///var/warehouse.db")
+    warehouse_url_secret_block: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block whose value is the warehouse URL; it "
+        "replaces warehouse_url and is read when the settings are resolved",
+    )
     output_schema: str | None = None
+    warehouse_lock_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Seconds a warehouse statement waits for a lock held by another writer "
+        "before it fails (SQLite busy timeout, PostgreSQL lock_timeout)",
+    )
+    extract_retry_delays_seconds: list[float] = Field(
+        default_factory=lambda: [5.0, 20.0, 60.0],
+        max_length=10,
+        description="Seconds to wait before each new attempt at a source read that lost its "
+        "database connection; one retry per entry, an empty list for none",
+    )
+    stale_run_after_hours: float = Field(
+        24.0,
+        gt=0,
+        description="Hours after which a score_runs row still 'running' is marked failed when "
+        "its process cannot be checked from this host",
+    )
     mlflow_tracking_uri: SecretStr = SecretStr("sqlite:///var/mlflow.db")
+    mlflow_tracking_uri_secret_block: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block whose value is the MLflow tracking URI; it "
+        "replaces mlflow_tracking_uri and is read when the settings are resolved",
+    )
     mlflow_artifact_location: str = "var/mlartifacts"
     experiment_name: str = "fulcrum"
     conversion_model_name: str = "fulcrum-conversion"
@@ -155,10 +192,30 @@ class Settings(BaseSettings):
     overlay_weight: float = Field(0.5, ge=0, le=1)
     rep_capacity: int = Field(100, ge=1)
     currencies: list[str] = Field(default_factory=lambda: ["USD", "EUR", "GBP", "BRL", "INR"])
+    allow_mixed_currencies: bool = Field(
+        False,
+        description="Let one run label accounts billed in different currencies. Fulcrum "
+        "converts no currency, so the value ranking then compares amounts in different units",
+    )
     freshness_days: int = Field(
         7, ge=0, description="Newest lead may be at most this many days older than as_of"
     )
     chunk_rows: int = Field(100_000, ge=1000)
+    nightly_cron: str = Field(
+        "0 2 * * *", description="Cron schedule of the nightly deployment, in business_timezone"
+    )
+    run_lock_wait_seconds: float = Field(
+        3600,
+        ge=0,
+        description="Seconds a run waits for the run lock (fulcrum_locks) that another run holds "
+        "before it fails",
+    )
+    run_lock_stale_seconds: float = Field(
+        6 * 3600,
+        gt=0,
+        description="Age in seconds after which a run lock counts as abandoned and is taken over; "
+        "keep it above the longest run",
+    )
 
     sources: dict[str, SourceSpec] = Field(default_factory=_default_sources)
     ltv: LtvSettings = Field(default_factory=LtvSettings)
@@ -205,6 +262,49 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"currencies must be ISO 4217 codes such as 'USD'. Got {bad!r}.")
         return value
+
+    @field_validator("extract_retry_delays_seconds")
+    @classmethod
+    def _check_retry_delays(cls, value: list[float]) -> list[float]:
+        bad = [delay for delay in value if not 0 <= delay <= 3600]
+        if bad:
+            raise ValueError(
+                f"extract_retry_delays_seconds must be seconds between 0 and 3600. Got {bad!r}."
+            )
+        return value
+
+    @field_validator("warehouse_url_secret_block", "mlflow_tracking_uri_secret_block")
+    @classmethod
+    def _check_block_name(cls, value: str | None, info) -> str | None:
+        if value is not None and not _BLOCK_NAME.match(value):
+            raise ValueError(
+                f"{info.field_name} must be a Prefect block name (lowercase letters, digits "
+                f"and dashes). Got {value!r}."
+            )
+        return value
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _check_tracking_uri(cls, value: SecretStr) -> SecretStr:
+        check_tracking_uri_has_no_password(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _read_secret_blocks(self) -> "Settings":
+        for field_name, block_field in _SECRET_BLOCK_FIELDS.items():
+            block_name = getattr(self, block_field)
+            if block_name is None:
+                continue
+            if field_name in self.model_fields_set:
+                raise ValueError(
+                    f"set either {field_name} or {block_field}, not both; "
+                    f"{block_field} names a Prefect Secret block that holds the {field_name}"
+                )
+            value = read_secret_block(block_name, block_field)
+            if field_name == "mlflow_tracking_uri":
+                check_tracking_uri_has_no_password(value)
+            setattr(self, field_name, SecretStr(value))
+        return self
 
     @field_validator("sources")
     @classmethod
@@ -256,8 +356,48 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Resolve settings from overrides, the environment and the TOML file."""
+    """Resolve settings from overrides, the environment, the TOML file and Secret blocks."""
     return Settings(**overrides)
+
+
+def read_secret_block(block_name: str, setting: str) -> str:
+    """Return the text value of the Prefect Secret block ``block_name``.
+
+    Raises ValueError naming the block and the setting, never the value.
+    """
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except Exception as exc:  # noqa: BLE001 - Prefect raises several types; all mean unreadable
+        raise ValueError(
+            f"{setting} names the Prefect Secret block {block_name!r}, which could not be "
+            f"read ({type(exc).__name__}: {exc}). Create it with "
+            f"Secret(value=...).save({block_name!r}) or fix the name"
+        ) from None
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"the Prefect Secret block {block_name!r} named by {setting} must hold a non-empty "
+            f"text value. Got a value of type {type(value).__name__}."
+        )
+    return value
+
+
+def check_tracking_uri_has_no_password(uri: str) -> None:
+    """Raise ValueError when an HTTP(S) MLflow tracking URI carries a password.
+
+    MLflow repeats an HTTP tracking URI, user info included, in its error messages, which
+    end up in logs and in score_runs. Database URIs are passed to SQLAlchemy, which hides
+    the password, so they may carry one.
+    """
+    parsed = urlsplit(uri)
+    if parsed.scheme.lower() in ("http", "https") and parsed.password is not None:
+        raise ValueError(
+            "mlflow_tracking_uri must not carry a password in an http(s) URI, because MLflow "
+            f"repeats the URI in its error messages. Got {redact_url(uri)!r}. Set the "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD environment variables "
+            "(or MLFLOW_TRACKING_TOKEN) instead"
+        )
 
 
 RouteName = Literal["priority", "sales_rep", "self_serve", "nurture"]

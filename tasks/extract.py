@@ -5,17 +5,28 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 import pandas as pd
 import sqlalchemy as sa
 from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from fulcrum.contract import SOURCES, SourceContract
 from fulcrum.settings import Settings
-from fulcrum.warehouse import check_source_columns, create_engine_for, source_selectable
+from fulcrum.warehouse import (
+    WarehouseLockedError,
+    check_source_columns,
+    create_engine_for,
+    describe_database_error,
+    is_transient_error,
+    read_only_connection,
+    source_selectable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +135,9 @@ def query_fingerprint(engine: Engine, query: sa.Select) -> str:
 
 
 def read_source(engine: Engine, name: str, query: sa.Select, chunk_rows: int) -> pd.DataFrame:
-    """Read one source in chunks and return it with contract types."""
+    """Read one source in chunks, on a read-only connection, and return it with contract types."""
     chunks = []
-    with engine.connect() as connection:
+    with read_only_connection(engine) as connection:
         for chunk in pd.read_sql_query(query, connection, chunksize=chunk_rows):
             chunks.append(chunk)
     if chunks:
@@ -192,22 +203,72 @@ def empty_source(contract: SourceContract) -> pd.DataFrame:
     return coerce_source_types(pd.DataFrame(columns=contract.column_names), contract)
 
 
+def read_source_with_retries(
+    engine: Engine, name: str, settings: Settings, cutoff: pd.Timestamp
+) -> pd.DataFrame:
+    """Query one source, trying again after each delay in ``extract_retry_delays_seconds``.
+
+    Only transient failures are tried again: a dropped connection or a lock timeout. A SQL
+    error, or a transient one that outlasts every retry, raises ExtractError naming the source.
+    """
+    delays = list(settings.extract_retry_delays_seconds)
+    attempts = len(delays) + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            query = build_source_query(engine, name, settings, cutoff)
+            return read_source(engine, name, query, settings.chunk_rows)
+        except (SQLAlchemyError, WarehouseLockedError, pd.errors.DatabaseError) as caught:
+            exc = _unwrap_pandas_error(caught)
+            error = describe_database_error(exc)
+            if not is_transient_error(exc):
+                raise ExtractError(
+                    f"reading source {name!r} failed: {error}. Check the source mapping of "
+                    f"{name!r} and the table it reads"
+                ) from exc
+            if attempt == attempts:
+                raise ExtractError(
+                    f"reading source {name!r} failed on all {attempts} attempt(s), the last "
+                    f"with {error}. Check that the warehouse is reachable; "
+                    f"extract_retry_delays_seconds sets the retries"
+                ) from exc
+            _run_logger().warning(
+                "reading source %s failed on attempt %d of %d (%s); trying again in %g s",
+                name, attempt, attempts, error, delays[attempt - 1],
+            )
+            time.sleep(delays[attempt - 1])
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _unwrap_pandas_error(error: BaseException) -> BaseException:
+    # pandas.read_sql_query wraps SQLAlchemy's error, which says whether the connection dropped.
+    if isinstance(error, pd.errors.DatabaseError) and error.__cause__ is not None:
+        return error.__cause__
+    return error
+
+
 def extract_sources(
     settings: Settings, as_of: dt.date, engine: Engine | None = None
 ) -> SourceFrames:
     """Read all five sources as they stood at the start of ``as_of`` in the business zone."""
-    engine = engine or create_engine_for(settings.warehouse_url.get_secret_value())
+    own_engine = engine is None
+    if own_engine:
+        engine = create_engine_for(
+            settings.warehouse_url.get_secret_value(), settings.warehouse_lock_timeout_seconds
+        )
     cutoff = as_of_cutoff(as_of, settings.business_timezone)
     frames = {}
-    for name in SOURCES:
-        if settings.sources[name].absent:
-            frames[name] = empty_source(SOURCES[name])
-            logger.info("skipped %s: the source is declared absent", name)
-            continue
-        query = build_source_query(engine, name, settings, cutoff)
-        raw = read_source(engine, name, query, settings.chunk_rows)
-        frames[name] = restrict_to_cutoff(raw, SOURCES[name], cutoff)
-        logger.info("extracted %s: %d rows as of %s", name, len(frames[name]), as_of)
+    try:
+        for name in SOURCES:
+            if settings.sources[name].absent:
+                frames[name] = empty_source(SOURCES[name])
+                logger.info("skipped %s: the source is declared absent", name)
+                continue
+            raw = read_source_with_retries(engine, name, settings, cutoff)
+            frames[name] = restrict_to_cutoff(raw, SOURCES[name], cutoff)
+            logger.info("extracted %s: %d rows as of %s", name, len(frames[name]), as_of)
+    finally:
+        if own_engine:
+            engine.dispose()
     return SourceFrames(**frames)
 
 
@@ -228,10 +289,10 @@ def extract_cache_key(context, parameters) -> str:
     return f"extract-{parameters['as_of']}-{fingerprint}-{flow_run_id}"
 
 
+# The task has no Prefect retries: each source read is tried again on its own, after the
+# delays in settings.extract_retry_delays_seconds, and only when the failure is transient.
 @task(
     name="extract-sources",
-    retries=3,
-    retry_delay_seconds=[5, 20, 60],
     cache_key_fn=extract_cache_key,
     persist_result=True,
 )
@@ -241,3 +302,11 @@ def extract_sources_task(settings: Settings, as_of: dt.date) -> SourceFrames:
     counts = ", ".join(f"{name} {count:,}" for name, count in frames.row_counts().items())
     run_logger.info("Extracted sources as of %s: %s rows", as_of, counts)
     return frames
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    # Outside a flow run (tests calling the plain functions) the module logger takes over.
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger

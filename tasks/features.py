@@ -214,9 +214,19 @@ def snapshot_times(cutoff: pd.Timestamp, settings: Settings) -> list[pd.Timestam
     return [cutoff - horizon - k * step for k in range(settings.model.snapshot_count)]
 
 
+def conversion_times(lead_ids: pd.Series, converted_at: pd.Series) -> pd.Series:
+    """Return each lead's first won close time, NaT for a lead that never converted.
+
+    Aligned with ``lead_ids``. Unlike ``Series.map``, this keeps the timestamp dtype when no
+    lead has converted at all, which pandas 3 would otherwise try to cast to float.
+    """
+    times = converted_at.astype("datetime64[ns, UTC]").reindex(lead_ids.to_numpy())
+    return pd.Series(times.array, index=lead_ids.index)
+
+
 def open_leads_at(leads: pd.DataFrame, converted_at: pd.Series, moment: pd.Timestamp) -> pd.DataFrame:
     """Leads created before ``moment`` that had neither converted nor been disqualified by then."""
-    conversion = leads["lead_id"].map(converted_at)
+    conversion = conversion_times(leads["lead_id"], converted_at)
     is_open = (
         (leads["created_at"] < moment)
         & ~(leads["disqualified_at"] < moment)
@@ -238,7 +248,7 @@ def build_conversion_training_set(frames: SourceFrames, cutoff: pd.Timestamp, se
         candidates = candidates.loc[snapshot - candidates["created_at"] <= max_age]
         if candidates.empty:
             continue
-        conversion = candidates["lead_id"].map(converted_at)
+        conversion = conversion_times(candidates["lead_id"], converted_at)
         label = ((conversion >= snapshot) & (conversion < snapshot + horizon)).fillna(False)
         points.append(
             pd.DataFrame(

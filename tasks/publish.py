@@ -127,6 +127,20 @@ def latest_successful_run(warehouse: Warehouse, as_of: dt.date) -> dict | None:
     return dict(row) if row else None
 
 
+def previous_successful_run(warehouse: Warehouse, as_of: dt.date) -> dict | None:
+    """Return the newest succeeded audit row for a date before ``as_of``, or None."""
+    table = warehouse.outputs["score_runs"]
+    query = (
+        sa.select(table)
+        .where(table.c.as_of < as_of, table.c.status == "succeeded")
+        .order_by(table.c.as_of.desc(), table.c.finished_at.desc())
+        .limit(1)
+    )
+    with warehouse.engine.connect() as connection:
+        row = connection.execute(query).mappings().first()
+    return dict(row) if row else None
+
+
 @task(name="publish-scores", retries=2, retry_delay_seconds=[10, 30], cache_policy=NO_CACHE)
 def publish_scores_task(
     warehouse: Warehouse,

@@ -106,8 +106,27 @@ def score_leads(
     return scores[SCORE_COLUMNS]
 
 
+class MissingScoringInputError(ValueError):
+    """The open leads' features lack columns that a champion model was trained on."""
+
+    def __init__(self, model: ChampionModel, missing: list[str]):
+        self.missing = list(missing)
+        super().__init__(
+            f"{model.kind} model {model.model_name} version {model.version} needs the input "
+            f"column(s) {self.missing}, which today's features lack. Map the column(s) again "
+            f"in the leads source, or run with retraining so that a model trained without "
+            f"them becomes champion"
+        )
+
+
 def predict_in_chunks(model: ChampionModel, features: pd.DataFrame, chunk_rows: int) -> np.ndarray:
-    """Predict one float per row, ``chunk_rows`` rows at a time, in the order of ``features``."""
+    """Predict one float per row, ``chunk_rows`` rows at a time, in the order of ``features``.
+
+    Raises MissingScoringInputError before any prediction when an input column is absent.
+    """
+    missing = [name for name in model.spec.input_columns if name not in features.columns]
+    if missing:
+        raise MissingScoringInputError(model, missing)
     parts = [
         model.predict(features.iloc[start : start + chunk_rows])
         for start in range(0, len(features), chunk_rows)

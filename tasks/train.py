@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
 from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 ModelKind = Literal["conversion", "value"]
 
 CHAMPION_ALIAS = "champion"
+# Version tag set when a version takes the champion alias: the UTC time of the promotion.
+# With the version's ``as_of`` tag it records which version was champion for which data date.
+CHAMPION_FROM_TAG = "champion_from"
 MISSING_CATEGORY = "__missing__"
 RESERVED_COLUMNS = ("lead_id", "feature_time", "label", "ltv")
 
@@ -774,6 +777,8 @@ def log_and_register(
         client.set_model_version_tag(model_name, new_version, key, value)
     if promoted:
         client.set_registered_model_alias(model_name, CHAMPION_ALIAS, new_version)
+        promoted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        client.set_model_version_tag(model_name, new_version, CHAMPION_FROM_TAG, promoted_at)
         champion_version = new_version
     else:
         client.set_model_version_tag(model_name, new_version, "rejected_reason", reason)
@@ -842,6 +847,47 @@ def champion_version(settings: Settings, kind: ModelKind) -> str | None:
     """Return the version number with the ``champion`` alias, without loading the model."""
     client = _connect(settings)
     return _champion_version(client, model_name_for(settings, kind))
+
+
+def load_model_version(settings: Settings, kind: ModelKind, version: str) -> ChampionModel:
+    """Load one registered version of the ``kind`` model for scoring."""
+    _connect(settings)
+    return _load_version(model_name_for(settings, kind), kind, version)
+
+
+def champion_version_as_of(settings: Settings, kind: ModelKind, as_of: date) -> str | None:
+    """Return the version that was champion for the data date ``as_of``, or None if unrecorded.
+
+    That is the version with the newest ``as_of`` tag not after ``as_of``, among the versions
+    that took the champion alias (tag ``champion_from``), and the latest promoted one on a
+    tie. Such a version was trained only on data known at ``as_of``. Versions promoted before
+    this tag was introduced carry no ``champion_from`` and are not considered.
+    """
+    client = _connect(settings)
+    model_name = model_name_for(settings, kind)
+    if "'" in model_name:
+        raise ValueError(
+            f"registered model name {model_name!r} contains a single quote, which an MLflow "
+            f"search filter cannot hold; rename the model in the settings"
+        )
+
+    candidates = []
+    page_token = None
+    while True:
+        page = client.search_model_versions(f"name = '{model_name}'", page_token=page_token)
+        for model_version in page:
+            tags = model_version.tags or {}
+            promoted_at = tags.get(CHAMPION_FROM_TAG)
+            trained_as_of = tags.get("as_of")
+            if promoted_at and trained_as_of and date.fromisoformat(trained_as_of) <= as_of:
+                candidates.append((trained_as_of, promoted_at, int(model_version.version)))
+        page_token = page.token
+        if not page_token:
+            break
+
+    if not candidates:
+        return None
+    return str(max(candidates)[2])
 
 
 def model_name_for(settings: Settings, kind: ModelKind) -> str:
@@ -944,6 +990,10 @@ def _load_champion(client: MlflowClient, model_name: str, kind: ModelKind) -> Ch
 
     # Loading by version number, not by alias, so a promotion that lands in between cannot
     # pair one version's number with another version's weights.
+    return _load_version(model_name, kind, version)
+
+
+def _load_version(model_name: str, kind: ModelKind, version: str) -> ChampionModel:
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
     metadata = model.metadata.metadata or {}
     if "feature_spec" not in metadata:

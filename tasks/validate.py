@@ -40,6 +40,7 @@ SEVERITIES = ("critical", "warning")
 DEFAULT_SUITE_DIR = Path(__file__).resolve().parents[1] / "expectations"
 DATASOURCE_NAME = "fulcrum_sources"
 EXAMPLE_COUNT = 5
+EXAMPLE_MAX_CHARS = 60
 PLACEHOLDER_KEY = "$PARAMETER"
 
 # BASIC keeps the unexpected count and the first unexpected values. SUMMARY also counts
@@ -85,6 +86,7 @@ class ExpectationResult:
     details: Any = None
     exception: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    hint: str | None = None
 
     @property
     def errored(self) -> bool:
@@ -119,6 +121,8 @@ class ExpectationResult:
             text += " rows"
             if any(value is not None for value in self.examples):
                 text += f" (examples: {', '.join(_format_example(v) for v in self.examples)})"
+            if self.hint:
+                text += f". {self.hint}"
             return text
         text = f"{subject}: {self.expectation} failed (observed value: {self.observed_value!r}"
         if self.details:
@@ -141,6 +145,7 @@ class ExpectationResult:
             "details": self.details,
             "exception": self.exception,
             "kwargs": self.kwargs,
+            "hint": self.hint,
             "message": None if self.success else self.describe(),
         }
 
@@ -532,6 +537,48 @@ def check_reference(frames: SourceFrames, reference: Reference) -> ExpectationRe
     return result
 
 
+def check_single_currency(frames: SourceFrames, allow_mixed: bool) -> ExpectationResult:
+    """Check that the billing accounts share one currency.
+
+    Fulcrum converts no currency, so LTVs in two currencies cannot be ranked against each
+    other. The rows outside the most common currency fail. The rule is critical unless
+    ``allow_mixed`` (settings.allow_mixed_currencies) makes it a warning.
+    """
+    currencies = frames.billing_accounts["currency"].dropna().astype(str)
+    counts = currencies.value_counts()
+    counts = counts.iloc[sorted(range(len(counts)), key=lambda i: (-counts.iloc[i], counts.index[i]))]
+    minority = counts.iloc[1:]
+
+    result = ExpectationResult(
+        table="billing_accounts",
+        expectation="accounts_share_one_currency",
+        severity="warning" if allow_mixed else "critical",
+        success=minority.empty,
+        evaluated=True,
+        columns=["currency"],
+        element_count=len(currencies),
+        failing_count=int(minority.sum()),
+        examples=[str(code) for code in minority.index[:EXAMPLE_COUNT]],
+        observed_value={str(code): int(count) for code, count in counts.items()},
+    )
+    if minority.empty:
+        return result
+
+    listed = ", ".join(f"{code} {count:,}" for code, count in counts.items())
+    if allow_mixed:
+        result.hint = (
+            f"Accounts are billed in {len(counts)} currencies ({listed}). "
+            "allow_mixed_currencies is set, so LTVs in different currencies are ranked together"
+        )
+    else:
+        result.hint = (
+            f"Accounts are billed in {len(counts)} currencies ({listed}), and Fulcrum converts "
+            "none, so their LTVs cannot be ranked together. Convert the amounts to one "
+            "currency in the source mappings, or set allow_mixed_currencies = true"
+        )
+    return result
+
+
 def write_report(report: ValidationReport, report_dir: Path) -> Path:
     """Write the full results to ``report_dir/<as_of>/validation.json`` and return the path.
 
@@ -578,6 +625,10 @@ def validate_sources(
         if reference.table in absent or reference.target in absent:
             continue
         results[reference.table].append(check_reference(frames, reference))
+    if "billing_accounts" not in absent:
+        results["billing_accounts"].append(
+            check_single_currency(frames, settings.allow_mixed_currencies)
+        )
 
     report = ValidationReport(as_of=as_of, cutoff=cutoff, results=results)
     report.report_path = write_report(report, report_dir)
@@ -649,7 +700,12 @@ def _distinct(values: list[Any]) -> list[Any]:
 
 
 def _format_example(value: Any) -> str:
-    return "NULL" if value is None else repr(value)
+    if value is None:
+        return "NULL"
+    if isinstance(value, str) and len(value) > EXAMPLE_MAX_CHARS:
+        # A 10,000-character id would otherwise fill the message, the log line and score_runs.
+        return f"{value[:EXAMPLE_MAX_CHARS]!r}... ({len(value):,} characters)"
+    return repr(value)
 
 
 def _truncate(text: str, length: int) -> str:

@@ -70,7 +70,7 @@ def make_frames() -> SourceFrames:
             "started_at": utc("2024-04-10", "2023-01-01"),
             "cancelled_at": utc(None, "2024-03-01"),
             "plan": ["pro", None],
-            "currency": ["USD", "EUR"],
+            "currency": ["USD", "USD"],
         }
     )
     starts = ["2024-01-01", "2024-02-01", "2024-03-01", "2024-04-01"] * 2 + ["2024-04-10"] * 2
@@ -84,7 +84,7 @@ def make_frames() -> SourceFrames:
             "issued_at": utc(*starts),
             "amount": [50.0, 50.0, 50.0, 50.0, 50.0, 50.0, -20.0, -5.0, 100.0, 100.0],
             "cost": [5.0] * 6 + [0.0, 0.0] + [10.0, 10.0],
-            "currency": ["EUR"] * 8 + ["USD"] * 2,
+            "currency": ["USD"] * 10,
             "kind": ["charge"] * 6 + ["refund", "credit"] + ["charge"] * 2,
         }
     )
@@ -375,12 +375,41 @@ def test_unknown_currency_fails(run):
 
 
 def test_currencies_come_from_settings(settings_factory, tmp_path):
-    settings = settings_factory(currencies=["USD"])
+    settings = settings_factory(currencies=["EUR"])
 
     report = validate_sources(make_frames(), AS_OF, CUTOFF, settings, tmp_path)
 
     result = find_result(report, "invoices", "expect_column_values_to_be_in_set", "currency")
-    assert result.failing_count == 8
+    assert result.failing_count == 10
+
+
+def test_accounts_in_two_currencies_fail(run):
+    frames = make_frames()
+    frames.billing_accounts.loc[1, "currency"] = "EUR"
+
+    report = run(frames)
+
+    result = find_result(report, "billing_accounts", "accounts_share_one_currency")
+    assert result.severity == "critical"
+    assert result.failing_count == 1
+    assert result.examples == ["USD"]
+    assert result.observed_value == {"EUR": 1, "USD": 1}
+    message = critical_message(report)
+    assert "billing_accounts.currency: accounts_share_one_currency failed for 1 of 2 rows" in message
+    assert "billed in 2 currencies (EUR 1, USD 1)" in message
+
+
+def test_mixed_currencies_warn_when_allowed(settings_factory, tmp_path):
+    settings = settings_factory(allow_mixed_currencies=True)
+    frames = make_frames()
+    frames.billing_accounts.loc[1, "currency"] = "EUR"
+
+    report = validate_sources(frames, AS_OF, CUTOFF, settings, tmp_path)
+
+    result = find_result(report, "billing_accounts", "accounts_share_one_currency")
+    assert result.severity == "warning"
+    assert not result.success
+    assert report.success
 
 
 def test_unknown_invoice_kind_fails(run):
