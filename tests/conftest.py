@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 import pytest
 import sqlalchemy as sa
@@ -91,3 +92,28 @@ def shared_data() -> Path:
             pytest.fail(f"the shared datasets folder {SHARED_DATA} is missing in CI")
         pytest.skip(f"the shared datasets folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+_harness = {"users": 0, "context": None}
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Start one temporary Prefect API per test process and share it.
+
+    Conftest files in several folders re-export this fixture, and pytest then keeps one
+    session fixture per folder. The count makes them share a single server.
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    if _harness["users"] == 0:
+        context = prefect_test_harness(server_startup_timeout=180)
+        context.__enter__()
+        _harness["context"] = context
+    _harness["users"] += 1
+    try:
+        yield
+    finally:
+        _harness["users"] -= 1
+        if _harness["users"] == 0:
+            _harness["context"].__exit__(None, None, None)

@@ -7,19 +7,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
+
+from tests.conftest import prefect_api  # noqa: F401 - re-exported for the conftests that import it here
 
 from fulcrum.simulate import simulate_company
 
 # The simulated company's last day; runs score as of the day after.
 SIMULATION_END = dt.date(2026, 6, 30)
 AS_OF = SIMULATION_END + dt.timedelta(days=1)
-
-
-@pytest.fixture(scope="session")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +36,9 @@ def flow_env(company_db, tmp_path, monkeypatch, prefect_api):
     monkeypatch.setenv("FULCRUM_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("FULCRUM_MLFLOW_ARTIFACT_LOCATION", str(tmp_path / "mlartifacts"))
     monkeypatch.setenv("FULCRUM_VAR_DIR", str(tmp_path / "var"))
+    # Three training snapshots instead of six keep each training run short; the flow's
+    # behaviour under test does not depend on the number.
+    monkeypatch.setenv("FULCRUM_MODEL__SNAPSHOT_COUNT", "3")
     return tmp_path
 
 

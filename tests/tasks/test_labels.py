@@ -726,9 +726,8 @@ def test_task_quiet_on_clean_data(monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_task_runs_in_prefect_flow():
+def test_task_runs_in_prefect_flow(prefect_api):
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
     accounts = accounts_table(account("a", "2024-01-01"))
     invoices = invoices_table(*monthly_charges("a", "2024-01-01", 6, 100.0))
@@ -737,8 +736,7 @@ def test_task_runs_in_prefect_flow():
     def label_flow() -> pd.DataFrame:
         return label_accounts_task(frames_for(accounts, invoices), CUTOFF, settings())
 
-    with prefect_test_harness():
-        result = label_flow()
+    result = label_flow()
 
     assert list(result["account_id"]) == ["a"]
     assert result["ltv"].iloc[0] == pytest.approx(6000.0)
