@@ -44,7 +44,7 @@ MIB = 1024 * 1024
 
 @dataclass
 class DateMeasure:
-    """What one date of the backfill took and left behind."""
+    """Time, leads scored and memory after one date of the backfill."""
 
     number: int
     as_of: dt.date
@@ -71,7 +71,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resident_mib() -> float:
-    """The current resident set size of this process, in MiB (VmRSS of /proc/self/status)."""
+    """Return the resident set size of this process in MiB (VmRSS of /proc/self/status)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024

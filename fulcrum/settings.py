@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     warehouse_url: SecretStr = SecretStr("sqlite:///var/warehouse.db")
     warehouse_url_secret_block: str | None = Field(
         None,
-        description="Name of a Prefect Secret block whose value is the warehouse URL; it "
+        description="Name of a Prefect Secret block whose value is the warehouse URL. It "
         "replaces warehouse_url and is read when the settings are resolved",
     )
     output_schema: str | None = None
@@ -167,7 +167,7 @@ class Settings(BaseSettings):
         default_factory=lambda: [5.0, 20.0, 60.0],
         max_length=10,
         description="Seconds to wait before each new attempt at a source read that lost its "
-        "database connection; one retry per entry, an empty list for none",
+        "database connection. One retry per entry, and an empty list for none",
     )
     stale_run_after_hours: float = Field(
         24.0,
@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: SecretStr = SecretStr("sqlite:///var/mlflow.db")
     mlflow_tracking_uri_secret_block: str | None = Field(
         None,
-        description="Name of a Prefect Secret block whose value is the MLflow tracking URI; it "
+        description="Name of a Prefect Secret block whose value is the MLflow tracking URI. It "
         "replaces mlflow_tracking_uri and is read when the settings are resolved",
     )
     mlflow_artifact_location: str = "var/mlartifacts"
@@ -226,6 +226,9 @@ class Settings(BaseSettings):
         env_prefix="FULCRUM_",
         env_nested_delimiter="__",
         extra="forbid",
+        # pydantic repeats the rejected input in its message, which the CLI prints, and the
+        # input can contain a URL with a password.
+        hide_input_in_errors=True,
     )
 
     @classmethod
@@ -297,8 +300,8 @@ class Settings(BaseSettings):
                 continue
             if field_name in self.model_fields_set:
                 raise ValueError(
-                    f"set either {field_name} or {block_field}, not both; "
-                    f"{block_field} names a Prefect Secret block that holds the {field_name}"
+                    f"set either {field_name} or {block_field}, not both. "
+                    f"{block_field} names a Prefect Secret block that contains the {field_name}"
                 )
             value = read_secret_block(block_name, block_field)
             if field_name == "mlflow_tracking_uri":

@@ -37,7 +37,9 @@ class WarehouseLockedError(RuntimeError):
     """A statement gave up waiting for a lock that another writer holds on the warehouse."""
 
 
-def create_engine_for(url: str, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS) -> Engine:
+def create_engine_for(
+    url: str, lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT_SECONDS
+) -> Engine:
     """Create an engine that waits at most ``lock_timeout_seconds`` for another writer's lock.
 
     For a SQLite file, the folder is created and WAL is enabled. A statement that times out
@@ -85,7 +87,7 @@ def _raise_lock_timeouts_as_locked(engine: Engine, lock_timeout_seconds: float) 
 
 
 def is_lock_timeout(error: BaseException | None) -> bool:
-    """Whether a DBAPI error means a statement gave up waiting for another writer's lock."""
+    """Return whether a DBAPI error means a statement gave up waiting for another writer's lock."""
     if error is None:
         return False
     if getattr(error, "sqlstate", None) == _POSTGRES_LOCK_NOT_AVAILABLE:
@@ -95,7 +97,7 @@ def is_lock_timeout(error: BaseException | None) -> bool:
 
 
 def is_transient_error(error: BaseException) -> bool:
-    """Whether a failed warehouse read may succeed when tried again on a new connection.
+    """Return whether a failed warehouse read may succeed when tried again on a new connection.
 
     Transient: a dropped or refused connection, a lock timeout, a pool timeout, a PostgreSQL
     OperationalError, and SQLite's busy, locked, I/O and cannot-open errors. A SQL error (a
@@ -204,18 +206,18 @@ class Warehouse:
                 column["name"]: column["type"]
                 for column in inspector.get_columns(name, schema=self.schema)
             }
+            table_name = preparer.format_table(table)
             for column in table.columns:
-                quoted = f"{preparer.format_table(table)} "
                 if column.name not in present:
                     if not column.nullable:
                         raise RuntimeError(
                             f"output table {name} lacks the NOT NULL column {column.name}, "
-                            f"which cannot be added to a table with rows; rename the table "
+                            f"which cannot be added to a table with rows. Rename the table "
                             f"and run `fulcrum init-db` to create it anew"
                         )
                     column_type = column.type.compile(dialect=self.engine.dialect)
                     statements.append(
-                        f"ALTER TABLE {quoted}ADD COLUMN {preparer.format_column(column)} "
+                        f"ALTER TABLE {table_name} ADD COLUMN {preparer.format_column(column)} "
                         f"{column_type}"
                     )
                 elif (
@@ -225,7 +227,7 @@ class Warehouse:
                     and getattr(present[column.name], "length", None) is not None
                 ):
                     statements.append(
-                        f"ALTER TABLE {quoted}ALTER COLUMN {preparer.format_column(column)} "
+                        f"ALTER TABLE {table_name} ALTER COLUMN {preparer.format_column(column)} "
                         f"TYPE TEXT"
                     )
         if not statements:
@@ -253,7 +255,8 @@ class Warehouse:
                 reason = abandonment_reason(process, started_at, now, stale_after)
                 if reason is None:
                     continue
-                message = f"{ABANDONED_RUN_MESSAGE}: {reason}. {self._published_note(connection, run_id)}"
+                published = self._published_note(connection, run_id)
+                message = f"{ABANDONED_RUN_MESSAGE}: {reason}. {published}"
                 connection.execute(
                     sa.update(table)
                     .where(table.c.run_id == run_id, table.c.status == "running")
@@ -302,7 +305,7 @@ def abandonment_reason(
 
 
 def process_is_running(process: str | None) -> bool | None:
-    """Whether the process ``host:pid:start`` still runs; None when this host cannot tell.
+    """Return whether the process ``host:pid:start`` still runs, or None if this host cannot tell.
 
     A pid that now belongs to a process with another start time, or to a zombie, counts as
     ended.

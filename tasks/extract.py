@@ -228,7 +228,7 @@ def read_source_with_retries(
             if attempt == attempts:
                 raise ExtractError(
                     f"reading source {name!r} failed on all {attempts} attempt(s), the last "
-                    f"with {error}. Check that the warehouse is reachable; "
+                    f"with {error}. Check that the warehouse is reachable. "
                     f"extract_retry_delays_seconds sets the retries"
                 ) from exc
             _run_logger().warning(
@@ -240,7 +240,7 @@ def read_source_with_retries(
 
 
 def _unwrap_pandas_error(error: BaseException) -> BaseException:
-    # pandas.read_sql_query wraps SQLAlchemy's error, which says whether the connection dropped.
+    # pandas.read_sql_query wraps SQLAlchemy's error, which records whether the connection dropped.
     if isinstance(error, pd.errors.DatabaseError) and error.__cause__ is not None:
         return error.__cause__
     return error
@@ -291,9 +291,9 @@ def extract_cache_key(context, parameters) -> str:
 
 # The task has no Prefect retries: each source read is tried again on its own, after the
 # delays in settings.extract_retry_delays_seconds, and only when the failure is transient.
-# The persisted result is not also kept in memory: Prefect's result store holds up to 1,000
-# records for the life of the outermost flow run, so a backfill would keep every date's
-# sources (about 19 MiB per date for 50,000 leads, measured with bench/bench_backfill_memory.py).
+# The persisted result is not also kept in memory. Prefect 3.9's in-memory result store keeps
+# up to 1,000 records and outlived each date of a backfill, so every date's sources stayed in
+# memory: 18 MiB more per date for 50,000 leads, measured with bench/bench_backfill_memory.py.
 @task(
     name="extract-sources",
     cache_key_fn=extract_cache_key,

@@ -19,7 +19,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 import pytest
 import sqlalchemy as sa
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The public datasets are never copied into the repository. By default they sit in the
+# shared/data folder beside the repository's folder, as on CI machines.
+SHARED_DATA = Path(
+    os.environ.get("FULCRUM_DATASETS_DIR")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data"
+)
 DEFAULT_TEST_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 

@@ -41,7 +41,7 @@ def assert_published_nothing(workspace: Workspace, before: Outputs) -> None:
 def assert_run_stopped(
     workspace: Workspace, before: Outputs, error: BaseException, stage: str, *fragments: str
 ) -> pd.Series:
-    """Check that a run stopped in ``stage`` before publishing and said why.
+    """Check that a run stopped in ``stage`` before publishing and recorded why.
 
     The error and the run's failed score_runs row must both contain every fragment, the
     earlier score_runs rows must be unchanged, and the score tables must hold the rows of

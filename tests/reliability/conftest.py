@@ -1,7 +1,7 @@
 """A small scored company to break, and helpers to read what a run left in the warehouse.
 
 ``scored_company`` simulates 2,000 leads and runs the nightly flow once with retraining, so
-the warehouse holds one good partition and MLflow holds both champions. Each test gets a
+the warehouse contains one good partition and MLflow contains both champions. Each test gets a
 private copy of both databases through ``workspace`` and breaks it in its own way.
 """
 
@@ -13,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 
 from fulcrum.simulate import simulate_company
-from tests.flows.conftest import prefect_api  # noqa: F401 - the session's Prefect API
 from tests.reliability.workspace import (
     AS_OF,
     SIMULATION_END,
@@ -25,7 +24,7 @@ from tests.reliability.workspace import (
 
 
 @pytest.fixture(scope="session")
-def scored_company(tmp_path_factory, prefect_api) -> Workspace:  # noqa: F811
+def scored_company(tmp_path_factory, prefect_api) -> Workspace:
     """A 2,000-lead company scored once as of AS_OF, with both champions in MLflow."""
     from flows.nightly import nightly_scores
 

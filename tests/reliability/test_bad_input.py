@@ -47,6 +47,21 @@ def test_empty_source_stops_run(workspace, table):
     )
 
 
+def test_empty_lead_events_scores_every_open_lead(workspace):
+    before = snapshot(workspace)
+    workspace.execute("DELETE FROM lead_events")
+
+    result = nightly_scores(as_of=AS_OF, retrain=False)
+
+    assert result.status == "succeeded"
+    assert [f["expectation"] for f in result.validation_summary["failures"]] == [
+        "expect_table_row_count_to_be_between"
+    ]
+    scores = workspace.scores()
+    assert set(scores["lead_id"]) == set(before.lead_scores["lead_id"])
+    assert scores["p_convert"].between(0, 1).all()
+
+
 def test_duplicate_lead_ids_stop_run(workspace):
     before = snapshot(workspace)
     leads = workspace.read("SELECT * FROM leads")

@@ -1,7 +1,7 @@
 """Faults during a run: a dropped connection, a killed process, MLflow away, a locked warehouse.
 
 Each test runs the nightly flow on a private copy of a scored 2,000-lead company, injects
-one fault, and checks that the run either recovers or stops before publishing, says which,
+one fault, and checks that the run either recovers or stops before publishing, reports which,
 and leaves the previous scores in place.
 """
 

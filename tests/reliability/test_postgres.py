@@ -1,6 +1,6 @@
 """The same guarantees on PostgreSQL: time zones, unusual text, a killed connection, reads only.
 
-The stage-level tests write small hand-made tables; the flow tests run the nightly flow on
+The stage-level tests write small hand-made tables. The flow tests run the nightly flow on
 the simulated company in a schema of its own, with the champions of ``scored_company``.
 """
 
@@ -104,7 +104,7 @@ def mixed_time_sources() -> dict[str, pd.DataFrame]:
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
-def test_month_end_in_new_york_lands_in_next_utc_month(backend, request, settings_factory, tmp_path):
+def test_new_york_month_end_in_next_utc_month(backend, request, settings_factory, tmp_path):
     if backend == "sqlite":
         url, schema = f"sqlite:///{tmp_path / 'mixed.db'}", None
     else:

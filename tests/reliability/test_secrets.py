@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from mlflow import MlflowClient
+from pydantic import ValidationError
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
+from prefect.logging.handlers import APILogWorker
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -29,6 +31,7 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.nightly import StageError, nightly_scores
+from fulcrum.settings import Settings, load_settings
 from fulcrum.simulate import simulate_company
 from tests.reliability.workspace import (
     AS_OF,
@@ -38,7 +41,6 @@ from tests.reliability.workspace import (
     postgres_environment,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -76,6 +78,8 @@ def canary_role(postgres_url):
         admin.dispose()
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_password_never_leaves_the_settings(canary_role, prefect_api, tmp_path, monkeypatch, caplog):
     warehouse_url, mlflow_url, schema, password = canary_role
     simulate_company(warehouse_url, leads=2_000, months=12, seed=7, end=SIMULATION_END, schema=schema)
@@ -149,6 +153,8 @@ def prefect_texts(flow_run_ids: list[str]) -> list[str]:
     """Logs, parameters, state messages and artifacts of the flow runs and their task runs."""
     ids = [uuid.UUID(flow_run_id) for flow_run_id in flow_run_ids]
     texts = []
+    # Run logs reach the API through a background worker, so send what is queued first.
+    APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
         offset = 0
         while True:
@@ -198,3 +204,47 @@ def file_texts(folder: Path) -> list[str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     ]
+
+
+def test_warehouse_url_read_from_secret_block(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FULCRUM_WAREHOUSE_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'from-block.db'}"
+    block_name = f"fulcrum-warehouse-{uuid.uuid4().hex[:8]}"
+    Secret(value=url).save(block_name)
+    monkeypatch.setenv("FULCRUM_WAREHOUSE_URL_SECRET_BLOCK", block_name)
+
+    settings = load_settings()
+
+    assert settings.warehouse_url.get_secret_value() == url
+    assert settings.redacted()["warehouse_url_secret_block"] == block_name
+
+
+def test_missing_secret_block_is_named(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FULCRUM_WAREHOUSE_URL", raising=False)
+
+    with pytest.raises(ValidationError, match="names the Prefect Secret block 'no-such-block', which could not be read"):
+        Settings(warehouse_url_secret_block="no-such-block")
+
+
+def test_url_and_secret_block_together_are_rejected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ValidationError, match="set either warehouse_url or warehouse_url_secret_block") as raised:
+        Settings(
+            warehouse_url="postgresql+psycopg://scorer:Canary-Pw-1@127.0.0.1/crm",
+            warehouse_url_secret_block="fulcrum-warehouse",
+        )
+
+    assert "Canary-Pw-1" not in str(raised.value)
+
+
+def test_password_in_http_tracking_uri_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ValidationError, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") as raised:
+        Settings(mlflow_tracking_uri="http://ml:Canary-Pw-2@127.0.0.1:5000")
+
+    assert "Canary-Pw-2" not in str(raised.value)
+    assert "http://ml:***@127.0.0.1:5000" in str(raised.value)
