@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
+from sqlalchemy.exc import SQLAlchemyError
 
 from fulcrum.lock import RunLock, RunLockTimeout
 from fulcrum.settings import Settings, load_settings, redact_url
@@ -23,14 +24,13 @@ from tasks.features import (
     build_training_sets_task,
     event_types_from_columns,
 )
-from tasks.labels import label_accounts_task
+from tasks.labels import ACCOUNT_LTV_COLUMNS, label_accounts_task
 from tasks.publish import (
     previous_successful_run,
     publish_scores_task,
     record_run_end,
     record_run_start,
 )
-from tasks.labels import ACCOUNT_LTV_COLUMNS
 from tasks.score import FRONTIER_COLUMNS, SCORE_COLUMNS, compute_frontier_task, score_leads_task
 from tasks.train import (
     ChampionModel,
@@ -57,7 +57,7 @@ class StageError(RuntimeError):
 
 @dataclass
 class NightlyResult:
-    """What one nightly run did, for the CLI, the backfill flow and tests."""
+    """Outcome of one nightly run, for the CLI, the backfill flow and tests."""
 
     run_id: str
     as_of: dt.date
@@ -78,11 +78,8 @@ class NightlyResult:
 
 
 def feature_spec(features: FeatureSet) -> FeatureSpec:
-    # scikit-learn 1.9's HistGradientBoosting raises on a numeric column without any value
-    # (employees when the CRM has none, event ages when lead_events is absent), so such
-    # columns are left out of the model.
-    numeric = [name for name in features.numeric if features.frame[name].notna().any()]
-    return FeatureSpec(numeric=numeric, categorical=list(features.categorical))
+    """Return the model input columns of a feature set; training leaves out empty ones."""
+    return FeatureSpec(numeric=list(features.numeric), categorical=list(features.categorical))
 
 
 def resolve_as_of(as_of: dt.date | str | None, settings: Settings) -> dt.date:
@@ -225,15 +222,22 @@ def run_stages(
         )
     except Exception as exc:
         result.status = "failed"
-        record_run_end(
-            warehouse,
-            run_id,
-            "failed",
-            failed_stage=stage,
-            message=f"{type(exc).__name__}: {exc}",
-            validation_summary=result.validation_summary or None,
-            accounts_labelled=result.accounts_labelled or None,
-        )
+        try:
+            record_run_end(
+                warehouse,
+                run_id,
+                "failed",
+                failed_stage=stage,
+                message=f"{type(exc).__name__}: {exc}",
+                validation_summary=result.validation_summary or None,
+                accounts_labelled=result.accounts_labelled or None,
+            )
+        except SQLAlchemyError as record_error:
+            # A warehouse that failed the stage may also reject the audit update. The row
+            # then stays 'running' until a later run marks it failed as abandoned.
+            run_logger.error(
+                "Could not record the failure of run %s in score_runs: %s", run_id, record_error
+            )
         run_logger.error("Run %s as of %s failed in stage %s: %s", run_id, as_of, stage, exc)
         raise StageError(stage, exc) from exc
 

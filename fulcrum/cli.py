@@ -7,8 +7,8 @@ import datetime as dt
 import logging
 import os
 import sys
-from pathlib import Path
 
+from fulcrum.arguments import iso_date, positive_int
 from fulcrum.datasets.cli import add_load_parser, command_load
 
 TELEMETRY_OFF = {
@@ -20,20 +20,6 @@ TELEMETRY_OFF = {
 
 DEMO_LEADS = 20_000
 DEMO_MONTHS = 24
-
-
-def _iso_date(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a valid date in YYYY-MM-DD form") from exc
-
-
-def _positive_int(text: str) -> int:
-    value = int(text.replace("_", "").replace(",", ""))
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Got {text!r}.")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate", help="write a simulated B2B SaaS company's CRM and billing tables"
     )
-    simulate.add_argument("--leads", type=_positive_int, default=DEMO_LEADS, help="number of leads")
-    simulate.add_argument("--months", type=_positive_int, default=DEMO_MONTHS, help="months of lead arrivals")
+    simulate.add_argument("--leads", type=positive_int, default=DEMO_LEADS, help="number of leads")
+    simulate.add_argument("--months", type=positive_int, default=DEMO_MONTHS, help="months of lead arrivals")
     simulate.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same tables")
     simulate.add_argument("--url", help="target SQLAlchemy URL (default: settings.warehouse_url)")
     simulate.add_argument(
         "--end",
-        type=_iso_date,
+        type=iso_date,
         default=None,
         help="first day after the simulated period, YYYY-MM-DD; every timestamp is before it "
         "(default: today, UTC)",
@@ -68,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the nightly-scores flow once on an existing warehouse")
     run.add_argument(
-        "--as-of", type=_iso_date, default=None,
+        "--as-of", type=iso_date, default=None,
         help="data date YYYY-MM-DD (default: today in the business time zone)",
     )
     run.add_argument("--no-retrain", action="store_true", help="score with the current champions only")
@@ -92,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="simulate a company into the embedded SQLite warehouse and score it"
     )
-    demo.add_argument("--leads", type=_positive_int, default=DEMO_LEADS, help="number of simulated leads")
+    demo.add_argument("--leads", type=positive_int, default=DEMO_LEADS, help="number of simulated leads")
     demo.add_argument("--seed", type=int, default=0, help="random seed of the simulated company")
 
     show = commands.add_parser("settings", help="print the resolved settings with passwords masked")

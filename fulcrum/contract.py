@@ -184,7 +184,7 @@ def current_process_identity() -> str:
     """Return ``host:pid:start`` for this process, the value of ``score_runs.process``.
 
     ``start`` is the process start time in clock ticks since boot, read from /proc on Linux
-    and empty elsewhere. It tells a process apart from a later one that reuses its pid.
+    and empty elsewhere. It distinguishes a process from a later one that reuses its pid.
     """
     pid = os.getpid()
     return f"{socket.gethostname()}:{pid}:{process_start_ticks(pid) or ''}"
@@ -285,7 +285,7 @@ def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[
 
 
 def define_truth_table(metadata: MetaData, schema: str | None = None) -> Table:
-    """The simulator's ground truth per lead. The pipeline never reads it."""
+    """Define the simulator's ground-truth table, one row per lead. The pipeline never reads it."""
     return Table(
         "simulation_truth",
         metadata,

@@ -58,7 +58,7 @@ class SourceSpec(BaseModel):
     """Where one source is read from: a table (optionally in a schema) or a SQL SELECT.
 
     ``absent = true`` declares that the warehouse has no such data. The run then skips
-    the stages that need it (see docs/data-contract.md) and says so.
+    the stages that need it (see docs/data-contract.md) and records which ones in its notes.
     """
 
     table: str | None = None
@@ -100,7 +100,7 @@ def _default_sources() -> dict[str, SourceSpec]:
 class LtvSettings(BaseModel):
     """Rules that turn billing history into LTV labels."""
 
-    lifetime_cap_months: float = Field(60.0, gt=0, description="Longest lifetime an LTV may assume")
+    lifetime_cap_months: float = Field(60.0, gt=0, description="Maximum lifetime, in months, that an LTV may assume")
     churn_prior_months: float = Field(
         120.0,
         ge=0,

@@ -1,6 +1,6 @@
 """Features: point-in-time lead features, and the training sets of both models.
 
-A feature time ``t`` sees only what existed before ``t``: lead attributes, and activity
+A feature at time ``t`` uses only what existed before ``t``: lead attributes, and activity
 events that occurred before ``t``. Training rows for the conversion model are open leads
 at snapshot times far enough in the past that their whole horizon is observed before the
 cutoff; the label is a won opportunity closed within the horizon after the snapshot.

@@ -331,6 +331,8 @@ def train_conversion_model(
     _check_fit_and_holdout_classes(labels, fit_positions, holdout_positions, folds)
 
     features = prepare_model_input(train_set, spec)
+    spec = drop_empty_numeric_inputs(spec, features.iloc[fit_positions])
+    features = features[spec.input_columns]
     fit_features = features.iloc[fit_positions]
     fit_labels = labels[fit_positions]
     method = choose_calibration_method(len(fit_positions), folds)
@@ -344,16 +346,11 @@ def train_conversion_model(
 
     params = {
         **{f"boosting_{key}": value for key, value in CONVERSION_BOOSTING_PARAMS.items()},
+        **_shared_params(train_set, holdout_positions, spec, model_settings),
         "calibration_method": method,
         "calibration_folds": folds,
-        "holdout_fraction": model_settings.holdout_fraction,
-        "holdout_start": _timestamp_text(train_set["feature_time"].iloc[holdout_positions].min()),
         "train_positives": int(fit_labels.sum()),
         "horizon_days": settings.horizon_days,
-        "random_seed": model_settings.random_seed,
-        "max_categories": MAX_CATEGORIES,
-        "n_numeric": len(spec.numeric),
-        "n_categorical": len(spec.categorical),
     }
     return TrainedModel(
         kind="conversion",
@@ -409,6 +406,8 @@ def train_value_model(
         )
 
     features = prepare_model_input(train_set, spec)
+    spec = drop_empty_numeric_inputs(spec, features.iloc[fit_positions])
+    features = features[spec.input_columns]
     pipeline = build_value_pipeline(spec, model_settings.random_seed)
     pipeline.fit(features.iloc[fit_positions], ltv[fit_positions])
 
@@ -419,13 +418,8 @@ def train_value_model(
 
     params = {
         **{f"boosting_{key}": value for key, value in VALUE_BOOSTING_PARAMS.items()},
-        "holdout_fraction": model_settings.holdout_fraction,
-        "holdout_start": _timestamp_text(train_set["feature_time"].iloc[holdout_positions].min()),
+        **_shared_params(train_set, holdout_positions, spec, model_settings),
         "rows_dropped_nonpositive_ltv": n_dropped,
-        "random_seed": model_settings.random_seed,
-        "max_categories": MAX_CATEGORIES,
-        "n_numeric": len(spec.numeric),
-        "n_categorical": len(spec.categorical),
     }
     return TrainedModel(
         kind="value",
@@ -440,6 +434,39 @@ def train_value_model(
         n_holdout=len(holdout_positions),
         params=params,
     )
+
+
+def drop_empty_numeric_inputs(spec: FeatureSpec, fit_features: pd.DataFrame) -> FeatureSpec:
+    """Return ``spec`` without the numeric inputs that have no value on any fitting row.
+
+    HistGradientBoosting in scikit-learn 1.9 raises "window shape cannot be larger than input
+    array shape" on an all-NaN column. Such a column carries nothing, for example `employees`
+    when the CRM never records it or activity recency when lead_events is absent.
+    """
+    empty = [name for name in spec.numeric if not fit_features[name].notna().any()]
+    if not empty:
+        return spec
+    kept = [name for name in spec.numeric if name not in empty]
+    if not kept and not spec.categorical:
+        raise InsufficientDataError(
+            f"every model input is empty on the fitting rows ({empty}); nothing can be learned"
+        )
+    logger.warning("left out numeric inputs with no value on the fitting rows: %s", empty)
+    return FeatureSpec(numeric=kept, categorical=list(spec.categorical))
+
+
+def _shared_params(
+    train_set: pd.DataFrame, holdout_positions: np.ndarray, spec: FeatureSpec, model_settings
+) -> dict[str, Any]:
+    """Return the MLflow params that both models log."""
+    return {
+        "holdout_fraction": model_settings.holdout_fraction,
+        "holdout_start": _timestamp_text(train_set["feature_time"].iloc[holdout_positions].min()),
+        "random_seed": model_settings.random_seed,
+        "max_categories": MAX_CATEGORIES,
+        "n_numeric": len(spec.numeric),
+        "n_categorical": len(spec.categorical),
+    }
 
 
 def split_by_time(frame: pd.DataFrame, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:

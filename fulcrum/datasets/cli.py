@@ -1,7 +1,7 @@
 """The ``load`` command: land a public dataset in the warehouse and write its fulcrum.toml.
 
 ``add_load_parser(subparsers)`` adds ``load olist|xeducation|telco DIR`` to a parser, and
-``command_load(args)`` runs it, as ``fulcrum load olist ../shared/data --url
+``command_load(args)`` runs it, as ``fulcrum load olist path/to/datasets --url
 sqlite:///var/olist.db``.
 """
 
@@ -9,49 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
-import os
 import sys
 from pathlib import Path
 
+from fulcrum.arguments import fraction, iso_date, positive_int
 from fulcrum.datasets.common import LoadResult
 
 DEFAULT_CONFIG = Path("fulcrum.toml")
-TELEMETRY_OFF = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-}
-
-
-def _iso_date(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a valid date in YYYY-MM-DD form"
-        ) from exc
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1. Got {text!r}.") from exc
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1. Got {text!r}.")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Got {text!r}.") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer. Got {text!r}.")
-    return value
 
 
 def add_load_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,7 +28,7 @@ def add_load_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
             "Read a public dataset's files as published, write them to raw tables in the "
             "warehouse, and write a fulcrum.toml whose SQL mappings turn the raw tables into "
             "Fulcrum's five sources. DIR is the folder that contains the dataset folders "
-            "(for example ../shared/data) or the dataset folder itself."
+            "or the dataset folder itself."
         ),
     )
     datasets = load.add_subparsers(dest="dataset", required=True, metavar="DATASET")
@@ -76,19 +40,19 @@ def add_load_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     _add_common_arguments(olist)
     olist.add_argument(
-        "--commission-rate", type=_rate, default=0.10,
+        "--commission-rate", type=fraction, default=0.10,
         help="Olist's revenue as a share of item price (default 0.10)",
     )
     olist.add_argument(
-        "--cost-rate", type=_rate, default=0.30,
+        "--cost-rate", type=fraction, default=0.30,
         help="share of that revenue spent serving the seller, for the gross margin (default 0.30)",
     )
     olist.add_argument(
-        "--churn-months", type=_positive_int, default=2,
+        "--churn-months", type=positive_int, default=2,
         help="months of 30 days without a sale after which a seller counts as churned (default 2)",
     )
     olist.add_argument(
-        "--sales-end", type=_iso_date, default=dt.date(2018, 9, 1),
+        "--sales-end", type=iso_date, default=dt.date(2018, 9, 1),
         help="first day not covered by the order items export; later items are not billed "
         "(default 2018-09-01)",
     )
@@ -105,15 +69,15 @@ def add_load_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     _add_common_arguments(xeducation)
     xeducation.add_argument(
-        "--start", type=_iso_date, default=dt.date(2020, 1, 1),
+        "--start", type=iso_date, default=dt.date(2020, 1, 1),
         help="day the first lead arrives on the synthetic timeline (default 2020-01-01)",
     )
     xeducation.add_argument(
-        "--span-days", type=_positive_int, default=365,
+        "--span-days", type=positive_int, default=365,
         help="days over which the leads arrive, in Lead Number order (default 365)",
     )
     xeducation.add_argument(
-        "--decision-days", type=_positive_int, default=30,
+        "--decision-days", type=positive_int, default=30,
         help="days after arrival at which each lead is won or disqualified (default 30)",
     )
 
@@ -124,12 +88,12 @@ def add_load_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     )
     _add_common_arguments(telco)
     telco.add_argument(
-        "--reference-date", type=_iso_date, default=dt.date(2024, 1, 1),
+        "--reference-date", type=iso_date, default=dt.date(2024, 1, 1),
         help="first of the month after the snapshot's last month; invoices are rebuilt "
         "backwards from it (default 2024-01-01)",
     )
     telco.add_argument(
-        "--cost-rate", type=_rate, default=0.0,
+        "--cost-rate", type=fraction, default=0.0,
         help="share of revenue spent serving a customer, for the gross margin (default 0)",
     )
     return load
@@ -138,8 +102,7 @@ def add_load_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "dir", type=Path, metavar="DIR",
-        help="folder that contains the dataset folders (for example ../shared/data), "
-        "or the dataset folder",
+        help="folder that contains the dataset folders, or the dataset folder",
     )
     parser.add_argument("--url", help="warehouse SQLAlchemy URL (default: settings.warehouse_url)")
     target = parser.add_mutually_exclusive_group()
@@ -223,28 +186,3 @@ def _default_url() -> str:
     from fulcrum.settings import load_settings
 
     return load_settings().warehouse_url.get_secret_value()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fulcrum", description="Load a public dataset for Fulcrum."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_load_parser(commands)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    for key, value in TELEMETRY_OFF.items():
-        os.environ.setdefault(key, value)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return command_load(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

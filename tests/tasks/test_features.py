@@ -45,7 +45,7 @@ def test_activity_counts_by_window_and_type():
     assert row["evt_demo_request_total"] == 1
 
 
-def test_lead_without_events_gets_zero_counts_and_no_recency():
+def test_activity_of_lead_without_events():
     frames = frames_from(tiny_sources())
     points = pd.DataFrame({"lead_id": ["L2"], "feature_time": [ts("2024-02-10 12:00")]})
 

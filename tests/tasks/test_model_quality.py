@@ -1,6 +1,6 @@
 """Both models measured against the simulator's ground truth on a time-based holdout.
 
-The oracle knows each simulated lead's latent conversion probability and expected LTV. A
+The oracle is given each simulated lead's latent conversion probability and expected LTV. A
 model that reads only what a CRM and a billing system record should come close to it.
 """
 

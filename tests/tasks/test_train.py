@@ -336,6 +336,27 @@ def test_value_drops_non_positive_ltv(caplog, settings_factory):
     assert "2 rows with a missing, infinite or non-positive ltv" in caplog.text
 
 
+def test_empty_numeric_input_left_out(caplog, settings_factory):
+    train_set = make_value_set()
+    train_set["employees"] = np.nan
+
+    with caplog.at_level(logging.WARNING, logger="tasks.train"):
+        trained = train_value_model(train_set, SPEC, settings_factory())
+
+    assert trained.spec.numeric == ["page_views", "has_demo"]
+    assert trained.spec.categorical == ["channel"]
+    assert trained.params["n_numeric"] == 2
+    assert "left out numeric inputs with no value on the fitting rows: ['employees']" in caplog.text
+
+
+def test_only_empty_inputs_raise(settings_factory):
+    train_set = make_value_set().assign(employees=np.nan)
+    spec = FeatureSpec(numeric=["employees"], categorical=[])
+
+    with pytest.raises(InsufficientDataError, match="every model input is empty"):
+        train_value_model(train_set, spec, settings_factory())
+
+
 def test_value_too_few_rows_raises(settings_factory):
     train_set = make_value_set(rows_per_snapshot=5)
 

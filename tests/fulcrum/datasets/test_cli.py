@@ -8,7 +8,8 @@ import tomllib
 
 import pytest
 
-from fulcrum.datasets.cli import add_load_parser, main
+from fulcrum.cli import main
+from fulcrum.datasets.cli import add_load_parser
 
 
 def test_load_parser_joins_other_parser():
