@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fulcrum.lock import RunLock, RunLockTimeout
 from fulcrum.settings import Settings, load_settings, redact_url
+from fulcrum.tracking import check_tracking_store
 from fulcrum.warehouse import Warehouse
 from flows.reporting import publish_run_artifacts
 from tasks.extract import as_of_cutoff, extract_sources_task
@@ -75,6 +77,31 @@ class NightlyResult:
     scoring_run_ids: dict[str, str] = field(default_factory=dict)
     previous_model_versions: dict[str, str | None] | None = None
     rows_published: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_rows: dict[str, int] = field(default_factory=dict)
+
+
+class StageClock:
+    """Wall time of each stage of a run, measured from one stage's start to the next one's."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+        self.current: str | None = None
+        self.started = 0.0
+
+    def start(self, stage: str) -> str:
+        """End the running stage, start timing ``stage`` and return its name."""
+        self.stop()
+        self.current = stage
+        self.started = time.perf_counter()
+        return stage
+
+    def stop(self) -> None:
+        """End the running stage, if any, and add its time to ``seconds``."""
+        if self.current is not None:
+            elapsed = time.perf_counter() - self.started
+            self.seconds[self.current] = self.seconds.get(self.current, 0.0) + elapsed
+            self.current = None
 
 
 def feature_spec(features: FeatureSet) -> FeatureSpec:
@@ -152,6 +179,16 @@ def record_lock_timeout(
     )
 
 
+def check_mlflow_store(settings: Settings) -> None:
+    """Raise TrackingStoreError when the run needs MLflow and cannot reach its tracking store.
+
+    Only runs with CRM sources train or score, so a run without them skips the check.
+    """
+    if settings.has_crm:
+        uri = settings.mlflow_tracking_uri.get_secret_value()
+        check_tracking_store(uri, settings.experiment_name)
+
+
 def run_stages(
     settings: Settings,
     warehouse: Warehouse,
@@ -175,16 +212,21 @@ def run_stages(
         as_of, cutoff.strftime("%Y-%m-%d %H:%M"), redact_url(warehouse.display_url), run_id,
     )
 
-    stage = "extract"
+    clock = StageClock(result.stage_seconds)
+    stage = clock.start("mlflow")
     try:
-        frames = extract_sources_task(settings, as_of)
+        check_mlflow_store(settings)
 
-        stage = "validate"
+        stage = clock.start("extract")
+        frames = extract_sources_task(settings, as_of)
+        result.stage_rows["extract"] = result.stage_rows["validate"] = sum(frames.row_counts().values())
+
+        stage = clock.start("validate")
         report = validate_sources_task(frames, as_of, cutoff, settings, settings.var_dir / "validation")
         result.validation_summary = report.summary()
         report.raise_for_failures()
 
-        stage = "labels"
+        stage = clock.start("labels")
         if settings.has_billing:
             account_ltv = label_accounts_task(frames, cutoff, settings.ltv)
         else:
@@ -194,33 +236,39 @@ def run_stages(
                 "declared absent, so scores carry no predicted_ltv"
             )
         result.accounts_labelled = len(account_ltv)
+        result.stage_rows["labels"] = len(account_ltv)
 
         lead_scores, frontier = empty_lead_scores(), empty_frontier()
         if settings.has_crm:
-            stage = "features"
+            stage = clock.start("features")
             conversion_set, value_set = build_training_sets_task(frames, account_ltv, cutoff, settings)
+            result.stage_rows["features"] = len(conversion_set.frame) + len(value_set.frame)
+            result.stage_rows["train"] = result.stage_rows["features"] if retrain else 0
 
-            stage = "train"
+            stage = clock.start("train")
             tags = {"prefect_flow_run_id": str(flow_run_id), "as_of": as_of.isoformat(), "fulcrum_run_id": run_id}
             if retrain:
                 train_both_models(result, conversion_set, value_set, settings, tags, as_of)
 
-            stage = "score"
+            stage = clock.start("score")
             lead_scores, frontier = score_open_leads(
                 result, frames, cutoff, settings, champions_as_of
             )
+            result.stage_rows["score"] = len(lead_scores)
         else:
             result.notes.append(
                 "skipped features, both models and scoring: leads and opportunities are "
                 "declared absent, so only account_ltv is published"
             )
 
-        stage = "publish"
+        stage = clock.start("publish")
         result.previous_model_versions = previous_model_versions(warehouse, as_of)
         result.rows_published = publish_scores_task(
             warehouse, as_of, run_id, lead_scores, account_ltv, frontier
         )
+        result.stage_rows["publish"] = sum(result.rows_published.values())
     except Exception as exc:
+        clock.stop()
         result.status = "failed"
         try:
             record_run_end(
@@ -241,6 +289,7 @@ def run_stages(
         run_logger.error("Run %s as of %s failed in stage %s: %s", run_id, as_of, stage, exc)
         raise StageError(stage, exc) from exc
 
+    clock.stop()
     result.status = "succeeded"
     record_run_end(
         warehouse,
@@ -251,7 +300,11 @@ def run_stages(
         conversion_model_version=result.conversion_model_version,
         value_model_version=result.value_model_version,
         validation_summary=result.validation_summary,
-        metrics={"metrics": result.metrics, "notes": result.notes},
+        metrics={
+            "metrics": result.metrics,
+            "notes": result.notes,
+            "stage_seconds": {name: round(seconds, 3) for name, seconds in result.stage_seconds.items()},
+        },
     )
     publish_run_artifacts(result, settings)
     run_logger.info(

@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    init_db = commands.add_parser("init-db", help="create the output tables if they do not exist")
+    init_db = commands.add_parser(
+        "init-db",
+        help="create the output tables if they do not exist, and mark runs whose process "
+        "ended while 'running' as failed",
+    )
     init_db.add_argument("--url", help="warehouse SQLAlchemy URL (default: settings.warehouse_url)")
 
     simulate = commands.add_parser(
@@ -138,6 +142,10 @@ def command_init_db(args: argparse.Namespace) -> int:
     warehouse = Warehouse.from_settings(settings)
     created = warehouse.create_output_tables()
     print(f"Output tables ready in {warehouse.display_url}: created {created or 'none (all existed)'}")
+
+    marked = warehouse.fail_abandoned_runs(dt.timedelta(hours=settings.stale_run_after_hours))
+    listed = f" ({', '.join(sorted(marked))})" if marked else ""
+    print(f"Abandoned runs marked failed in score_runs: {len(marked)}{listed}")
     return 0
 
 

@@ -3,12 +3,14 @@
 The lock is a row of the table ``fulcrum_locks``, one row per lock name, taken with a plain
 INSERT that fails on the primary key while another run holds it. It works the same way on
 SQLite and PostgreSQL, and the row shows who holds the lock: the Fulcrum run id, the Prefect
-flow run id, the host, the process id and when it was acquired. The holder deletes its row
-when it ends.
+flow run id, the host, the process id, the process identity ``host:pid:start`` and when it
+was acquired. The holder deletes its row when it ends.
 
 The next run that wants the lock deletes a row that is abandoned. A row is abandoned when it
-is older than ``run_lock_stale_seconds``, or at once when it names a process on this host
-that no longer exists, as after a run killed with SIGKILL or a reboot.
+is older than ``run_lock_stale_seconds``, or at once when its process ran on this host and no
+longer runs, as after a run killed with SIGKILL or a reboot. The process start time in the
+identity distinguishes a dead holder from a later process that reuses its pid. A holder on another
+host cannot be checked, so its row is kept until it is stale.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
 
+from fulcrum.contract import current_process_identity
 from fulcrum.settings import Settings
+from fulcrum.warehouse import process_is_running
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ def define_lock_table(metadata: MetaData, schema: str | None = None) -> Table:
         Column("host", String(255), nullable=False),
         Column("pid", Integer, nullable=False),
         Column("acquired_at", DateTime(timezone=True), nullable=False),
+        # The holder's ``host:pid:start`` (see fulcrum.contract.current_process_identity).
+        # Rows written by earlier versions have none.
+        Column("process", Text, nullable=True),
         schema=schema,
     )
 
@@ -62,25 +69,26 @@ class LockHolder:
     host: str
     pid: int
     acquired_at: dt.datetime
+    process: str | None = None
 
     def age_seconds(self, now: dt.datetime) -> float:
         return (now - self.acquired_at).total_seconds()
 
+    @property
+    def process_identity(self) -> str:
+        """The holder's ``host:pid:start``, with an empty start for a row without one."""
+        return self.process or f"{self.host}:{self.pid}:"
+
     def process_has_ended(self) -> bool:
-        """Return whether the holder's process ran on this host and no longer exists.
+        """Return whether the holder's process ran on this host and no longer runs.
+
+        A pid that now belongs to a process with another start time, or to a zombie, counts
+        as ended. A holder on another host, or one whose state cannot be read, has not ended.
 
         NOTE: Two containers that share a host name but not a process namespace would each
         see the other's process as gone. Give each worker container its own host name.
         """
-        if self.host != socket.gethostname():
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return process_is_running(self.process_identity) is False
 
     def describe(self) -> str:
         flow_run = self.flow_run_id or "none"
@@ -136,7 +144,10 @@ class RunLock:
         )
 
     def create_table(self) -> None:
-        """Create the lock table, and on PostgreSQL its schema, unless they exist."""
+        """Create the lock table, and on PostgreSQL its schema, unless they exist.
+
+        A lock table made by an earlier version gets the nullable column ``process``.
+        """
         if self.schema is not None and self.engine.dialect.name == "postgresql":
             with self.engine.begin() as connection:
                 connection.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
@@ -146,6 +157,24 @@ class RunLock:
             # Two runs that start at once on a new warehouse can both find the table missing,
             # so the CREATE of the slower one fails although the table then exists.
             if not sa.inspect(self.engine).has_table(LOCK_TABLE, schema=self.schema):
+                raise
+        if not self._has_process_column():
+            self._add_process_column()
+
+    def _has_process_column(self) -> bool:
+        columns = sa.inspect(self.engine).get_columns(LOCK_TABLE, schema=self.schema)
+        return any(column["name"] == "process" for column in columns)
+
+    def _add_process_column(self) -> None:
+        preparer = self.engine.dialect.identifier_preparer
+        statement = f"ALTER TABLE {preparer.format_table(self.table)} ADD COLUMN process TEXT"
+        try:
+            with self.engine.begin() as connection:
+                connection.exec_driver_sql(statement)
+        except DatabaseError:
+            # Two runs that start at once can both find the column missing, so the slower
+            # one's ALTER fails although the column then exists.
+            if not self._has_process_column():
                 raise
 
     def read_holder(self) -> LockHolder | None:
@@ -165,6 +194,7 @@ class RunLock:
             host=row["host"],
             pid=row["pid"],
             acquired_at=acquired_at,
+            process=row["process"],
         )
 
     def try_acquire(self, run_id: str, flow_run_id: str | None) -> bool:
@@ -176,6 +206,7 @@ class RunLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "acquired_at": dt.datetime.now(dt.timezone.utc),
+            "process": current_process_identity(),
         }
         try:
             with self.engine.begin() as connection:
@@ -208,11 +239,16 @@ class RunLock:
                 continue
             abandoned = self.abandoned_reason(holder)
             if abandoned is not None:
-                log.warning(
-                    "Taking over the run lock %r held by %s: %s",
-                    self.name, holder.describe(), abandoned,
-                )
-                self._delete(holder.run_id)
+                # Of several runs that find the same abandoned row, only the one whose DELETE
+                # removed it logs, and then all of them compete for the lock with the INSERT.
+                if self.remove_abandoned(holder):
+                    log.warning(
+                        "Deleted the abandoned run lock %r of run %s (process %s, Prefect flow "
+                        "run %s, since %s UTC): %s",
+                        self.name, holder.run_id, holder.process_identity,
+                        holder.flow_run_id or "none",
+                        f"{holder.acquired_at:%Y-%m-%d %H:%M:%S}", abandoned,
+                    )
                 continue
 
             waited = time.monotonic() - started
@@ -235,8 +271,24 @@ class RunLock:
                 f"({self.stale_seconds:.0f} s)"
             )
         if holder.process_has_ended():
-            return f"its process {holder.pid} no longer runs on this host"
+            return f"its process {holder.process_identity} no longer runs on this host"
         return None
+
+    def remove_abandoned(self, holder: LockHolder) -> bool:
+        """Delete the lock row of ``holder`` and return True, or return False if it is gone.
+
+        The DELETE matches the holder's run id, host and pid. Each run inserts its row with
+        its own run id, so the DELETE never removes a row that another run inserted after
+        ``holder`` was read.
+        """
+        statement = sa.delete(self.table).where(
+            self.table.c.name == self.name,
+            self.table.c.run_id == holder.run_id,
+            self.table.c.host == holder.host,
+            self.table.c.pid == holder.pid,
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
 
     def release(
         self, run_id: str, log: logging.Logger | logging.LoggerAdapter = logger

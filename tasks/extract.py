@@ -138,6 +138,9 @@ def read_source(engine: Engine, name: str, query: sa.Select, chunk_rows: int) ->
     """Read one source in chunks, on a read-only connection, and return it with contract types."""
     chunks = []
     with read_only_connection(engine) as connection:
+        # A server-side cursor on PostgreSQL, so that rows arrive chunk by chunk instead of
+        # all at once in the driver's buffer.
+        connection = connection.execution_options(stream_results=True, max_row_buffer=chunk_rows)
         for chunk in pd.read_sql_query(query, connection, chunksize=chunk_rows):
             chunks.append(chunk)
     if chunks:

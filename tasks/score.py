@@ -9,6 +9,7 @@ lists the two exceptions: leads with p = 0, and exact ties in p v.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -60,14 +61,53 @@ def score_leads(
     columns and ``rank_value``/``rank_expected_value`` are NULL, the overlay is p alone and
     ``overlay_weight`` is recorded as 0.0, the weight actually applied.
     """
-    if "lead_id" not in features.columns:
-        raise ValueError("feature frame has no lead_id column; scoring needs one row per lead_id")
-    _check_unique_leads(features["lead_id"])
+    chunks = (
+        features.iloc[start : start + settings.chunk_rows]
+        for start in range(0, max(len(features), 1), settings.chunk_rows)
+    )
+    return score_feature_chunks(chunks, conversion, value, settings)
 
-    p_convert = predict_in_chunks(conversion, features, settings.chunk_rows)
+
+def score_feature_chunks(
+    chunks: Iterable[pd.DataFrame],
+    conversion: ChampionModel,
+    value: ChampionModel | None,
+    settings: Settings,
+) -> pd.DataFrame:
+    """Score open leads whose features arrive chunk by chunk, then rank them all together.
+
+    Only the lead ids and the two predictions of each chunk are kept, so memory grows with
+    the number of leads, not with the number of feature columns.
+    """
+    lead_id_parts, p_parts, v_parts = [], [], []
+    for chunk in chunks:
+        if "lead_id" not in chunk.columns:
+            raise ValueError("feature frame has no lead_id column; scoring needs one row per lead_id")
+        lead_id_parts.append(chunk["lead_id"].to_numpy(dtype=object))
+        p_parts.append(predict_in_chunks(conversion, chunk, settings.chunk_rows))
+        if value is not None:
+            v_parts.append(predict_in_chunks(value, chunk, settings.chunk_rows))
+    lead_ids = pd.Series(np.concatenate(lead_id_parts) if lead_id_parts else [], dtype=object)
+    p_convert = np.concatenate(p_parts) if p_parts else np.empty(0, dtype=np.float64)
+    predicted_ltv = (
+        np.concatenate(v_parts) if v_parts else np.full(len(lead_ids), np.nan, dtype=np.float64)
+    )
+    return rank_scores(lead_ids, p_convert, predicted_ltv, conversion, value, settings)
+
+
+def rank_scores(
+    lead_ids: pd.Series,
+    p_convert: np.ndarray,
+    predicted_ltv: np.ndarray,
+    conversion: ChampionModel,
+    value: ChampionModel | None,
+    settings: Settings,
+) -> pd.DataFrame:
+    """Build the score rows of all open leads from their predictions: overlay, ranks and routes."""
+    lead_ids = lead_ids.reset_index(drop=True)
+    _check_unique_leads(lead_ids)
     _check_probabilities(p_convert, conversion)
     if value is not None:
-        predicted_ltv = predict_in_chunks(value, features, settings.chunk_rows)
         _check_values(predicted_ltv, value)
         weight = settings.overlay_weight
     else:
@@ -76,10 +116,9 @@ def score_leads(
             "overlay ranks by p_convert alone (overlay_weight 0.0 instead of %s)",
             settings.overlay_weight,
         )
-        predicted_ltv = np.full(len(features), np.nan)
+        predicted_ltv = np.full(len(lead_ids), np.nan)
         weight = 0.0
 
-    lead_ids = features["lead_id"].reset_index(drop=True)
     expected_value = p_convert * predicted_ltv
     overlay = overlay_scores(p_convert, predicted_ltv if value is not None else None, weight)
 
@@ -89,7 +128,7 @@ def score_leads(
             "p_convert": p_convert,
             "predicted_ltv": predicted_ltv,
             "expected_value": expected_value,
-            "overlay_weight": np.full(len(features), float(weight)),
+            "overlay_weight": np.full(len(lead_ids), float(weight)),
             "overlay_score": overlay,
             "rank_volume": rank_descending(p_convert, lead_ids),
             "rank_value": rank_descending(predicted_ltv, lead_ids),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from flows.nightly import StageError, nightly_scores
+from fulcrum.contract import current_process_identity, process_start_ticks
 from fulcrum.lock import LOCK_TABLE, RunLock, RunLockTimeout
 from fulcrum.settings import load_settings
 from fulcrum.warehouse import create_engine_for
@@ -28,16 +30,63 @@ def engine(tmp_path):
     engine.dispose()
 
 
-def insert_holder(engine, run_id: str, host: str, pid: int, acquired_at: dt.datetime) -> None:
+def insert_holder(
+    engine,
+    run_id: str,
+    host: str,
+    pid: int,
+    acquired_at: dt.datetime,
+    process: str | None = None,
+) -> None:
     lock = RunLock(engine)
     lock.create_table()
     with engine.begin() as connection:
         connection.execute(
             lock.table.insert().values(
                 name="scores", run_id=run_id, flow_run_id=None, host=host, pid=pid,
-                acquired_at=acquired_at,
+                acquired_at=acquired_at, process=process,
             )
         )
+
+
+def insert_process_holder(engine, run_id: str, process: str) -> None:
+    """Insert a lock row held, as of now, by the process ``host:pid:start``."""
+    host, pid, _ = process.rsplit(":", 2)
+    insert_holder(engine, run_id, host, int(pid), dt.datetime.now(dt.timezone.utc), process)
+
+
+@pytest.fixture
+def child_process():
+    """A Python child process on this host that runs until its stdin is closed."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    yield child
+    if child.poll() is None:
+        child.kill()
+    child.stdin.close()
+    child.wait()
+
+
+def identity_of(child: subprocess.Popen) -> str:
+    """Return the child's ``host:pid:start``, as its own current_process_identity would."""
+    start = process_start_ticks(child.pid)
+    if start is None:
+        pytest.skip("process start times come from /proc, which this system lacks")
+    return f"{socket.gethostname()}:{child.pid}:{start}"
+
+
+def end(child: subprocess.Popen) -> None:
+    child.stdin.close()
+    child.wait(timeout=30)
+
+
+def takeover_warnings(caplog) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "abandoned run lock" in record.getMessage()
+    ]
 
 
 def test_second_run_times_out_naming_holder(engine):
@@ -105,6 +154,149 @@ def test_recent_remote_lock_is_kept(engine):
         RunLock(engine, wait_seconds=0).acquire("run-b", None)
 
 
+def test_acquired_row_records_process_identity(engine):
+    lock = RunLock(engine)
+
+    lock.acquire("run-a", None)
+
+    holder = lock.read_holder()
+    assert holder.process == current_process_identity()
+    assert holder.process_identity == current_process_identity()
+
+
+def test_dead_process_lock_taken_at_once(engine, child_process, caplog):
+    process = identity_of(child_process)
+    end(child_process)
+    insert_process_holder(engine, "killed-run", process)
+
+    with caplog.at_level(logging.WARNING, logger="fulcrum.lock"):
+        RunLock(engine, wait_seconds=0).acquire("run-b", None)
+
+    assert RunLock(engine).read_holder().run_id == "run-b"
+    warnings = takeover_warnings(caplog)
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"Deleted the abandoned run lock 'scores' of run killed-run (process {process}, "
+    )
+    assert warnings[0].endswith(f": its process {process} no longer runs on this host")
+
+
+def test_live_process_lock_is_kept(engine, child_process, caplog):
+    process = identity_of(child_process)
+    insert_process_holder(engine, "live-run", process)
+
+    with caplog.at_level(logging.WARNING, logger="fulcrum.lock"):
+        with pytest.raises(RunLockTimeout, match="held by run live-run"):
+            RunLock(engine, wait_seconds=0).acquire("run-b", None)
+
+    assert RunLock(engine).read_holder().process == process
+    assert takeover_warnings(caplog) == []
+
+
+def test_dead_process_on_other_host_kept(engine, child_process, caplog):
+    _, pid, start = identity_of(child_process).split(":")
+    end(child_process)
+    insert_process_holder(engine, "remote-run", f"another-host:{pid}:{start}")
+
+    with caplog.at_level(logging.WARNING, logger="fulcrum.lock"):
+        with pytest.raises(RunLockTimeout, match="held by run remote-run"):
+            RunLock(engine, wait_seconds=0).acquire("run-b", None)
+
+    assert RunLock(engine).read_holder().run_id == "remote-run"
+    assert takeover_warnings(caplog) == []
+
+
+def test_reused_pid_lock_taken_at_once(engine):
+    host, pid, start = current_process_identity().split(":")
+    if not start:
+        pytest.skip("process start times come from /proc, which this system lacks")
+    # This process's pid with an earlier start time: the pid now belongs to another process.
+    insert_process_holder(engine, "killed-run", f"{host}:{pid}:{int(start) - 1}")
+
+    RunLock(engine, wait_seconds=0).acquire("run-b", None)
+
+    assert RunLock(engine).read_holder().run_id == "run-b"
+
+
+def test_unreadable_process_identity_kept(engine, child_process):
+    identity_of(child_process)
+    end(child_process)
+    # The pid column names a dead process, but the identity cannot be read, so its state is unknown.
+    insert_holder(
+        engine, "odd-run", socket.gethostname(), child_process.pid,
+        dt.datetime.now(dt.timezone.utc), process="not-an-identity",
+    )
+
+    with pytest.raises(RunLockTimeout, match="held by run odd-run"):
+        RunLock(engine, wait_seconds=0).acquire("run-b", None)
+
+
+def test_abandoned_row_removed_only_once(engine, child_process):
+    process = identity_of(child_process)
+    end(child_process)
+    insert_process_holder(engine, "killed-run", process)
+    lock = RunLock(engine)
+    dead = lock.read_holder()
+
+    assert lock.remove_abandoned(dead) is True
+    assert lock.try_acquire("run-b", None) is True
+    assert lock.remove_abandoned(dead) is False
+    assert lock.read_holder().run_id == "run-b"
+
+
+def test_racing_waiters_take_dead_lock_once(engine, child_process, caplog):
+    process = identity_of(child_process)
+    end(child_process)
+    insert_process_holder(engine, "killed-run", process)
+    start = threading.Barrier(4)
+    acquired, timed_out = [], []
+
+    def wait_for_lock(run_id: str) -> None:
+        start.wait()
+        try:
+            RunLock(engine, wait_seconds=0).acquire(run_id, None)
+        except RunLockTimeout as exc:
+            timed_out.append(exc.holder.run_id)
+        else:
+            acquired.append(run_id)
+
+    with caplog.at_level(logging.WARNING, logger="fulcrum.lock"):
+        threads = [
+            threading.Thread(target=wait_for_lock, args=(f"run-{number}",)) for number in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    assert len(acquired) == 1
+    assert timed_out == acquired * 3
+    assert RunLock(engine).read_holder().run_id == acquired[0]
+    assert len(takeover_warnings(caplog)) == 1
+
+
+def test_old_lock_table_gains_process_column(engine):
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE TABLE fulcrum_locks (name VARCHAR(64) PRIMARY KEY, "
+            "run_id VARCHAR(64) NOT NULL, flow_run_id VARCHAR(64), host VARCHAR(255) NOT NULL, "
+            "pid INTEGER NOT NULL, acquired_at DATETIME NOT NULL)"
+        )
+        connection.exec_driver_sql(
+            "INSERT INTO fulcrum_locks VALUES ('scores', 'old-run', NULL, 'another-host', 1, "
+            "'2026-07-01 12:00:00.000000')"
+        )
+    lock = RunLock(engine)
+
+    lock.create_table()
+
+    columns = {column["name"] for column in sa.inspect(engine).get_columns(LOCK_TABLE)}
+    assert "process" in columns
+    holder = lock.read_holder()
+    assert holder.process is None
+    assert holder.process_identity == "another-host:1:"
+
+
 def test_threads_never_hold_lock_together(engine):
     intervals: list[tuple[float, float]] = []
 
@@ -127,6 +319,55 @@ def test_threads_never_hold_lock_together(engine):
     ordered = sorted(intervals)
     for (_, first_end), (second_start, _) in zip(ordered, ordered[1:]):
         assert second_start >= first_end
+
+
+@pytest.mark.postgres
+def test_postgres_dead_process_lock_taken(postgres_url, child_process, caplog):
+    process = identity_of(child_process)
+    end(child_process)
+    engine = create_engine_for(postgres_url)
+    try:
+        lock = RunLock(engine, schema="lock_takeover_test", wait_seconds=0)
+        lock.create_table()
+        host, pid, _ = process.rsplit(":", 2)
+        with engine.begin() as connection:
+            connection.execute(
+                lock.table.insert().values(
+                    name="scores", run_id="killed-run", flow_run_id=None, host=host,
+                    pid=int(pid), acquired_at=dt.datetime.now(dt.timezone.utc), process=process,
+                )
+            )
+
+        with caplog.at_level(logging.WARNING, logger="fulcrum.lock"):
+            lock.acquire("run-b", None)
+
+        assert lock.read_holder().run_id == "run-b"
+        assert lock.read_holder().process == current_process_identity()
+        assert len(takeover_warnings(caplog)) == 1
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP SCHEMA IF EXISTS lock_takeover_test CASCADE"))
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_old_lock_table_gains_process_column(postgres_url):
+    engine = create_engine_for(postgres_url)
+    try:
+        RunLock(engine, schema="lock_upgrade_test").create_table()
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                "ALTER TABLE lock_upgrade_test.fulcrum_locks DROP COLUMN process"
+            )
+
+        RunLock(engine, schema="lock_upgrade_test").acquire("run-a", None)
+
+        holder = RunLock(engine, schema="lock_upgrade_test").read_holder()
+        assert holder.process == current_process_identity()
+    finally:
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP SCHEMA IF EXISTS lock_upgrade_test CASCADE"))
+        engine.dispose()
 
 
 @pytest.mark.postgres

@@ -91,7 +91,7 @@ def test_connection_lost_on_every_attempt_stops_extract(workspace, monkeypatch):
     )
 
 
-def test_process_killed_mid_publish_keeps_partition(workspace, monkeypatch):
+def test_process_killed_mid_publish_keeps_partition(workspace, caplog):
     before = snapshot(workspace)
     marker = workspace.root / "publishing"
     environment = {
@@ -125,11 +125,18 @@ def test_process_killed_mid_publish_keeps_partition(workspace, monkeypatch):
     assert killed["status"].tolist() == ["running"]
     assert killed["process"].iloc[0].split(":")[1] == str(child.pid)
 
-    # The lock row of the killed run stays behind; a short stale age lets the next run in.
-    monkeypatch.setenv("FULCRUM_LOCK_STALE_SECONDS", "1")
-    result = nightly_scores(as_of=AS_OF, retrain=False)
+    # The killed run's lock row stays behind, and the next run deletes it at once, because
+    # the process it names no longer runs on this host.
+    with caplog.at_level(logging.WARNING):
+        result = nightly_scores(as_of=AS_OF, retrain=False)
 
     assert result.status == "succeeded"
+    killed_process = killed["process"].iloc[0]
+    assert (
+        f"Deleted the abandoned run lock 'scores' of run {killed['run_id'].iloc[0]} "
+        f"(process {killed_process}, "
+    ) in caplog.text
+    assert f": its process {killed_process} no longer runs on this host" in caplog.text
     marked = workspace.read(
         "SELECT * FROM score_runs WHERE run_id = :run_id", run_id=killed["run_id"].iloc[0]
     ).iloc[0]
@@ -161,23 +168,43 @@ def closed_local_port() -> int:
         return probe.getsockname()[1]
 
 
+def count_source_reads(monkeypatch) -> list[str]:
+    """Record the name of every source that extract reads; return the record."""
+    read_source = extract.read_source
+    names: list[str] = []
+
+    def counted_read(engine, name, query, chunk_rows):
+        names.append(name)
+        return read_source(engine, name, query, chunk_rows)
+
+    monkeypatch.setattr(extract, "read_source", counted_read)
+    return names
+
+
 def test_unreachable_mlflow_server_stops_run(workspace, monkeypatch):
     before = snapshot(workspace)
     port = closed_local_port()
     monkeypatch.setenv("FULCRUM_MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    # MLflow's defaults retry a refused connection 7 times, for about 4 minutes in all.
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    reads = count_source_reads(monkeypatch)
 
-    started = time.monotonic()
     with pytest.raises(StageError) as raised:
         nightly_scores(as_of=AS_OF, retrain=False)
 
-    assert time.monotonic() - started < 60
-    assert_run_stopped(
-        workspace, before, raised.value, "score",
-        f"http://127.0.0.1:{port}/api/2.0/mlflow/",
-        "Connection refused",
+    assert reads == []
+    assert str(raised.value) == (
+        f"stage 'mlflow' failed: the MLflow tracking store http://127.0.0.1:{port} is "
+        f"unreachable: Connection refused. Check that the MLflow server is running and that "
+        f"this host can reach it, or set mlflow_tracking_uri (or "
+        f"mlflow_tracking_uri_secret_block) to the right store"
     )
+    row = assert_run_stopped(
+        workspace, before, raised.value, "mlflow",
+        f"the MLflow tracking store http://127.0.0.1:{port} is unreachable: Connection refused",
+    )
+    assert row["message"].startswith("TrackingStoreError: the MLflow tracking store ")
 
 
 def test_mlflow_store_that_cannot_be_created_stops_run(workspace, monkeypatch):
@@ -185,12 +212,17 @@ def test_mlflow_store_that_cannot_be_created_stops_run(workspace, monkeypatch):
     blocker = workspace.root / "not-a-folder"
     blocker.write_text("a file where the store's folder should be")
     monkeypatch.setenv("FULCRUM_MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
+    reads = count_source_reads(monkeypatch)
 
     with pytest.raises(StageError) as raised:
         nightly_scores(as_of=AS_OF, retrain=False)
 
-    # MLflow's own message names the path it could not create.
-    assert_run_stopped(workspace, before, raised.value, "score", "File exists", str(blocker))
+    assert reads == []
+    assert_run_stopped(
+        workspace, before, raised.value, "mlflow",
+        f"the MLflow tracking store sqlite:///{blocker}/mlflow.db cannot be created: {blocker} "
+        f"is a file, not a folder",
+    )
 
 
 class ExclusiveWriter:
