@@ -201,8 +201,17 @@ def process_start_ticks(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+# The partition key of the per-date output tables on PostgreSQL, in pg_get_partkeydef's form.
+PARTITION_BY_AS_OF = "LIST (as_of)"
+
+
 def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[str, Table]:
-    """Add the four tables Fulcrum writes to ``metadata``."""
+    """Add the four tables Fulcrum writes to ``metadata``.
+
+    On PostgreSQL the three tables with one set of rows per ``as_of`` are partitioned by
+    ``LIST (as_of)``, so that publishing can swap in one date's rows as a whole partition.
+    Other databases ignore the ``postgresql_partition_by`` option.
+    """
     lead_scores = Table(
         "lead_scores",
         metadata,
@@ -222,6 +231,7 @@ def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[
         Column("value_model_version", String(64), nullable=True),
         Column("run_id", String(64), nullable=False),
         schema=schema,
+        postgresql_partition_by=PARTITION_BY_AS_OF,
     )
     account_ltv = Table(
         "account_ltv",
@@ -241,6 +251,7 @@ def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[
         Column("is_active", Boolean, nullable=False),
         Column("run_id", String(64), nullable=False),
         schema=schema,
+        postgresql_partition_by=PARTITION_BY_AS_OF,
     )
     score_runs = Table(
         "score_runs",
@@ -275,6 +286,7 @@ def define_output_tables(metadata: MetaData, schema: str | None = None) -> dict[
         Column("expected_value", Float, nullable=True),
         Column("run_id", String(64), nullable=False),
         schema=schema,
+        postgresql_partition_by=PARTITION_BY_AS_OF,
     )
     return {
         "lead_scores": lead_scores,

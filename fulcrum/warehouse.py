@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from fulcrum.timing import measured
 from fulcrum.contract import SOURCES, define_output_tables, process_start_ticks
 from fulcrum.settings import Settings, SourceSpec, redact_url
 
@@ -181,11 +182,14 @@ class Warehouse:
     def display_url(self) -> str:
         return redact_url(self.engine.url.render_as_string(hide_password=False))
 
+    @measured
     def create_output_tables(self) -> list[str]:
         """Create the output tables that do not exist yet; return the names created.
 
         Tables created by an earlier version get the nullable columns added since, and on
-        PostgreSQL their VARCHAR(n) columns that are now Text are widened.
+        PostgreSQL their VARCHAR(n) columns that are now Text are widened. A per-date table
+        that exists unpartitioned on PostgreSQL is not converted to a partitioned one, and
+        publishing falls back to DELETE and INSERT for it.
         """
         inspector = sa.inspect(self.engine)
         existing = set(inspector.get_table_names(schema=self.schema))
@@ -237,6 +241,7 @@ class Warehouse:
                 connection.exec_driver_sql(statement)
         logger.info("upgraded the output tables: %s", "; ".join(statements))
 
+    @measured
     def fail_abandoned_runs(self, stale_after: dt.timedelta) -> list[str]:
         """Mark as failed the score_runs rows left 'running' by a process that has ended.
 
