@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import resource
+import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -14,26 +17,34 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as runtime_flow_run
 from sqlalchemy.exc import SQLAlchemyError
 
+from fulcrum.timing import measured
 from fulcrum.lock import RunLock, RunLockTimeout
 from fulcrum.settings import Settings, load_settings, redact_url
 from fulcrum.tracking import check_tracking_store
 from fulcrum.warehouse import Warehouse
 from flows.reporting import publish_run_artifacts
-from tasks.extract import as_of_cutoff, extract_sources_task
+from tasks.extract import SourceFrames, as_of_cutoff, extract_sources_task
 from tasks.features import (
     FeatureSet,
-    build_scoring_features,
+    WarehouseActivity,
     build_training_sets_task,
     event_types_from_columns,
+    iter_scoring_features,
 )
-from tasks.labels import ACCOUNT_LTV_COLUMNS, label_accounts_task
+from tasks.labels import ACCOUNT_LTV_COLUMNS, label_accounts_in_warehouse_task
 from tasks.publish import (
     previous_successful_run,
     publish_scores_task,
     record_run_end,
     record_run_start,
 )
-from tasks.score import FRONTIER_COLUMNS, SCORE_COLUMNS, compute_frontier_task, score_leads_task
+from tasks.score import (
+    FRONTIER_COLUMNS,
+    SCORE_COLUMNS,
+    compute_frontier_task,
+    score_feature_chunks_on_dask,
+    score_leads_task,
+)
 from tasks.train import (
     ChampionModel,
     FeatureSpec,
@@ -79,13 +90,19 @@ class NightlyResult:
     rows_published: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_rows: dict[str, int] = field(default_factory=dict)
+    stage_peak_mib: dict[str, float] = field(default_factory=dict)
 
 
 class StageClock:
-    """Wall time of each stage of a run, measured from one stage's start to the next one's."""
+    """Wall time of each stage of a run, measured from one stage's start to the next one's.
 
-    def __init__(self, seconds: dict[str, float]):
+    With ``peaks``, it also records the process's peak resident memory in MiB at the end of
+    each stage, so that the stage that raised the peak can be told.
+    """
+
+    def __init__(self, seconds: dict[str, float], peaks: dict[str, float] | None = None):
         self.seconds = seconds
+        self.peaks = peaks
         self.current: str | None = None
         self.started = 0.0
 
@@ -101,7 +118,16 @@ class StageClock:
         if self.current is not None:
             elapsed = time.perf_counter() - self.started
             self.seconds[self.current] = self.seconds.get(self.current, 0.0) + elapsed
+            if self.peaks is not None:
+                self.peaks[self.current] = peak_resident_mib()
             self.current = None
+
+
+def peak_resident_mib() -> float:
+    """Return the peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB and macOS bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def feature_spec(features: FeatureSet) -> FeatureSpec:
@@ -179,6 +205,7 @@ def record_lock_timeout(
     )
 
 
+@measured
 def check_mlflow_store(settings: Settings) -> None:
     """Raise TrackingStoreError when the run needs MLflow and cannot reach its tracking store.
 
@@ -212,7 +239,7 @@ def run_stages(
         as_of, cutoff.strftime("%Y-%m-%d %H:%M"), redact_url(warehouse.display_url), run_id,
     )
 
-    clock = StageClock(result.stage_seconds)
+    clock = StageClock(result.stage_seconds, result.stage_peak_mib)
     stage = clock.start("mlflow")
     try:
         check_mlflow_store(settings)
@@ -225,10 +252,13 @@ def run_stages(
         report = validate_sources_task(frames, as_of, cutoff, settings, settings.var_dir / "validation")
         result.validation_summary = report.summary()
         report.raise_for_failures()
+        # The warehouse counts events and adds up invoice lines from here on, so the two
+        # largest sources need not stay in memory.
+        frames = release_aggregated_sources(frames)
 
         stage = clock.start("labels")
         if settings.has_billing:
-            account_ltv = label_accounts_task(frames, cutoff, settings.ltv)
+            account_ltv = label_accounts_in_warehouse_task(warehouse, cutoff, settings)
         else:
             account_ltv = empty_account_ltv()
             result.notes.append(
@@ -241,7 +271,9 @@ def run_stages(
         lead_scores, frontier = empty_lead_scores(), empty_frontier()
         if settings.has_crm:
             stage = clock.start("features")
-            conversion_set, value_set = build_training_sets_task(frames, account_ltv, cutoff, settings)
+            conversion_set, value_set = build_training_sets_task(
+                frames, account_ltv, cutoff, settings, warehouse
+            )
             result.stage_rows["features"] = len(conversion_set.frame) + len(value_set.frame)
             result.stage_rows["train"] = result.stage_rows["features"] if retrain else 0
 
@@ -252,7 +284,7 @@ def run_stages(
 
             stage = clock.start("score")
             lead_scores, frontier = score_open_leads(
-                result, frames, cutoff, settings, champions_as_of
+                result, frames, cutoff, settings, champions_as_of, warehouse
             )
             result.stage_rows["score"] = len(lead_scores)
         else:
@@ -335,14 +367,30 @@ def train_both_models(
             result.notes.append(f"{outcome.kind} model: {outcome.reason}")
 
 
+@measured
+def release_aggregated_sources(frames: SourceFrames) -> SourceFrames:
+    """Return ``frames`` with lead_events and invoices emptied, keeping their columns."""
+    return replace(
+        frames,
+        lead_events=frames.lead_events.iloc[0:0].copy(),
+        invoices=frames.invoices.iloc[0:0].copy(),
+    )
+
+
 def score_open_leads(
     result: NightlyResult,
-    frames,
+    frames: SourceFrames,
     cutoff: pd.Timestamp,
     settings: Settings,
     champions_as_of: dt.date | None = None,
+    warehouse: Warehouse | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Score every open lead with the champions and compute the frontier."""
+    """Score every open lead with the champions and compute the frontier.
+
+    Features are built ``settings.chunk_rows`` leads at a time, with activity counted in
+    ``warehouse`` (in pandas from ``frames`` without it), and each chunk is scored before
+    the next is built. With ``settings.dask_address`` the chunks are scored on Dask.
+    """
     conversion_champion = load_scoring_model(result, settings, "conversion", champions_as_of)
     if conversion_champion is None:
         raise RuntimeError(
@@ -355,8 +403,23 @@ def score_open_leads(
     if value_champion is None and settings.has_billing:
         result.notes.append("no value model is registered yet: predicted_ltv is left empty")
     event_types = event_types_from_columns(conversion_champion.spec.input_columns)
-    scoring = build_scoring_features(frames, cutoff, event_types)
-    lead_scores = score_leads_task(scoring.frame, conversion_champion, value_champion, settings)
+    with ExitStack() as stack:
+        activity = None
+        if warehouse is not None:
+            connection = stack.enter_context(warehouse.engine.connect())
+            activity = WarehouseActivity(connection, settings, cutoff)
+        chunks = (
+            features.frame
+            for features in iter_scoring_features(
+                frames, cutoff, event_types, settings.chunk_rows, activity
+            )
+        )
+        if settings.dask_address:
+            lead_scores = score_feature_chunks_on_dask(
+                chunks, conversion_champion, value_champion, settings
+            )
+        else:
+            lead_scores = score_leads_task(chunks, conversion_champion, value_champion, settings)
     frontier = compute_frontier_task(lead_scores, settings.rep_capacity)
     result.conversion_model_version = conversion_champion.version
     result.value_model_version = value_champion.version if value_champion else None
@@ -368,6 +431,7 @@ def score_open_leads(
     return lead_scores, frontier
 
 
+@measured
 def load_scoring_model(
     result: NightlyResult, settings: Settings, kind: ModelKind, champions_as_of: dt.date | None
 ) -> ChampionModel | None:
@@ -395,6 +459,7 @@ def load_scoring_model(
     return current
 
 
+@measured
 def previous_model_versions(warehouse: Warehouse, as_of: dt.date) -> dict[str, str | None] | None:
     """Return the model versions and date of the newest succeeded run before ``as_of``, or None."""
     previous = previous_successful_run(warehouse, as_of)

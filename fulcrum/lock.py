@@ -29,6 +29,7 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError, SQLAlchemyError
 
+from fulcrum.timing import measured
 from fulcrum.contract import current_process_identity
 from fulcrum.settings import Settings
 from fulcrum.warehouse import process_is_running
@@ -215,6 +216,7 @@ class RunLock:
             return False
         return True
 
+    @measured
     def acquire(
         self,
         run_id: str,
@@ -290,6 +292,7 @@ class RunLock:
         with self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
+    @measured
     def release(
         self, run_id: str, log: logging.Logger | logging.LoggerAdapter = logger
     ) -> None:

@@ -200,7 +200,17 @@ class Settings(BaseSettings):
     freshness_days: int = Field(
         7, ge=0, description="Newest lead may be at most this many days older than as_of"
     )
-    chunk_rows: int = Field(100_000, ge=1000)
+    chunk_rows: int = Field(
+        100_000,
+        ge=1000,
+        description="Rows per chunk when reading sources, building scoring features, scoring "
+        "and writing; memory grows with it, not with the number of leads",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="Address of a running Dask scheduler, for example tcp://scheduler:8786. "
+        "When set, scoring chunks run as Prefect tasks on its workers (needs the 'dask' extra)",
+    )
     nightly_cron: str = Field(
         "0 2 * * *", description="Cron schedule of the nightly deployment, in business_timezone"
     )

@@ -12,10 +12,12 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 import sqlalchemy as sa
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from fulcrum.timing import measured
 from fulcrum.contract import SOURCES, SourceContract
 from fulcrum.settings import Settings
 from fulcrum.warehouse import (
@@ -275,34 +277,20 @@ def extract_sources(
     return SourceFrames(**frames)
 
 
-def extract_cache_key(context, parameters) -> str:
-    """Cache an extract by as-of date, settings of the source mapping and query text only."""
-    settings: Settings = parameters["settings"]
-    mapping = {name: spec.model_dump(by_alias=True) for name, spec in settings.sources.items()}
-    fingerprint = hashlib.sha256(
-        repr(
-            (
-                settings.warehouse_url.get_secret_value(),
-                settings.business_timezone,
-                sorted(mapping.items()),
-            )
-        ).encode()
-    ).hexdigest()[:16]
-    flow_run_id = getattr(getattr(context, "task_run", None), "flow_run_id", None)
-    return f"extract-{parameters['as_of']}-{fingerprint}-{flow_run_id}"
-
-
 # The task has no Prefect retries: each source read is tried again on its own, after the
 # delays in settings.extract_retry_delays_seconds, and only when the failure is transient.
-# The persisted result is not also kept in memory. Prefect 3.9's in-memory result store keeps
-# up to 1,000 records and outlived each date of a backfill, so every date's sources stayed in
-# memory: 18 MiB more per date for 50,000 leads, measured with bench/bench_backfill_memory.py.
+# Its result is neither cached nor written to Prefect's result storage: pickling a million
+# leads' sources took seconds and as much memory again, and would leave revenue data on the
+# disk of every worker. Nor is it kept in Prefect's in-memory result store, which outlived
+# each date of a backfill: 18 MiB more per date for 50,000 leads, measured with
+# bench/bench_backfill_memory.py.
 @task(
     name="extract-sources",
-    cache_key_fn=extract_cache_key,
-    persist_result=True,
+    cache_policy=NO_CACHE,
+    persist_result=False,
     cache_result_in_memory=False,
 )
+@measured
 def extract_sources_task(settings: Settings, as_of: dt.date) -> SourceFrames:
     run_logger = get_run_logger()
     frames = extract_sources(settings, as_of)

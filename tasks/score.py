@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from fulcrum.timing import measured
 from fulcrum.settings import Settings
 from tasks.train import ChampionModel, render_png
 
@@ -79,20 +80,99 @@ def score_feature_chunks(
     Only the lead ids and the two predictions of each chunk are kept, so memory grows with
     the number of leads, not with the number of feature columns.
     """
-    lead_id_parts, p_parts, v_parts = [], [], []
-    for chunk in chunks:
-        if "lead_id" not in chunk.columns:
-            raise ValueError("feature frame has no lead_id column; scoring needs one row per lead_id")
-        lead_id_parts.append(chunk["lead_id"].to_numpy(dtype=object))
-        p_parts.append(predict_in_chunks(conversion, chunk, settings.chunk_rows))
-        if value is not None:
-            v_parts.append(predict_in_chunks(value, chunk, settings.chunk_rows))
-    lead_ids = pd.Series(np.concatenate(lead_id_parts) if lead_id_parts else [], dtype=object)
-    p_convert = np.concatenate(p_parts) if p_parts else np.empty(0, dtype=np.float64)
-    predicted_ltv = (
-        np.concatenate(v_parts) if v_parts else np.full(len(lead_ids), np.nan, dtype=np.float64)
+    predictions = [predict_chunk(chunk, conversion, value, settings.chunk_rows) for chunk in chunks]
+    return rank_predictions(predictions, conversion, value, settings)
+
+
+def score_feature_chunks_on_dask(
+    chunks: Iterable[pd.DataFrame],
+    conversion: ChampionModel,
+    value: ChampionModel | None,
+    settings: Settings,
+) -> pd.DataFrame:
+    """Score like ``score_feature_chunks``, with each chunk a Prefect task on the Dask cluster.
+
+    The cluster is the one at ``settings.dask_address``. Its workers need Fulcrum installed at
+    the same version, and PREFECT_API_URL pointing at the Prefect server of this flow run.
+    Chunks are sent as they are built, so the workers predict while the next chunk's features
+    are computed here.
+    """
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise RuntimeError(
+            f"dask_address is set to {settings.dask_address!r}, but prefect-dask is not "
+            "installed. Install Fulcrum with the 'dask' extra (pip install 'fulcrum[dask]'), "
+            "or unset dask_address to score in this process"
+        ) from exc
+
+    with DaskTaskRunner(address=settings.dask_address) as runner:
+        futures = [
+            runner.submit(
+                predict_chunk_task,
+                {
+                    "chunk": chunk,
+                    "conversion": conversion,
+                    "value": value,
+                    "chunk_rows": settings.chunk_rows,
+                },
+            )
+            for chunk in chunks
+        ]
+        predictions = [future.result() for future in futures]
+    return rank_predictions(predictions, conversion, value, settings)
+
+
+def predict_chunk(
+    chunk: pd.DataFrame, conversion: ChampionModel, value: ChampionModel | None, chunk_rows: int
+) -> pd.DataFrame:
+    """Return ``lead_id``, ``p_convert`` and ``predicted_ltv`` (NaN without a value model) per row."""
+    if "lead_id" not in chunk.columns:
+        raise ValueError("feature frame has no lead_id column; scoring needs one row per lead_id")
+    p_convert = predict_in_chunks(conversion, chunk, chunk_rows)
+    if value is not None:
+        predicted_ltv = predict_in_chunks(value, chunk, chunk_rows)
+    else:
+        predicted_ltv = np.full(len(chunk), np.nan, dtype=np.float64)
+    return pd.DataFrame(
+        {
+            "lead_id": chunk["lead_id"].to_numpy(dtype=object),
+            "p_convert": p_convert,
+            "predicted_ltv": predicted_ltv,
+        }
     )
-    return rank_scores(lead_ids, p_convert, predicted_ltv, conversion, value, settings)
+
+
+# Not wrapped with measured: Dask pickles this function by value, and the wrapper's
+# thread-local state cannot be pickled. Its time is spent on the Dask workers anyway.
+@task(name="predict-chunk", cache_policy=NO_CACHE)
+def predict_chunk_task(
+    chunk: pd.DataFrame, conversion: ChampionModel, value: ChampionModel | None, chunk_rows: int
+) -> pd.DataFrame:
+    return predict_chunk(chunk, conversion, value, chunk_rows)
+
+
+def rank_predictions(
+    predictions: list[pd.DataFrame],
+    conversion: ChampionModel,
+    value: ChampionModel | None,
+    settings: Settings,
+) -> pd.DataFrame:
+    """Join the predictions of every chunk and rank them (see ``rank_scores``)."""
+    if predictions:
+        joined = pd.concat(predictions, ignore_index=True)
+    else:
+        joined = pd.DataFrame(
+            {"lead_id": pd.Series(dtype=object), "p_convert": [], "predicted_ltv": []}
+        )
+    return rank_scores(
+        joined["lead_id"].astype(object),
+        joined["p_convert"].to_numpy(dtype=np.float64),
+        joined["predicted_ltv"].to_numpy(dtype=np.float64),
+        conversion,
+        value,
+        settings,
+    )
 
 
 def rank_scores(
@@ -345,29 +425,53 @@ def _has_value_predictions(predicted_ltv: np.ndarray) -> bool:
 
 
 @task(name="score-leads", cache_policy=NO_CACHE)
+@measured
 def score_leads_task(
-    features: pd.DataFrame,
+    features: pd.DataFrame | Iterable[pd.DataFrame],
     conversion: ChampionModel,
     value: ChampionModel | None,
     settings: Settings,
 ) -> pd.DataFrame:
-    """Score the open leads with the champion models."""
-    scores = score_leads(features, conversion, value, settings)
+    """Score the open leads with the champion models, from one feature frame or chunk by chunk."""
+    chunks = [features] if isinstance(features, pd.DataFrame) else features
+    counted = _CountedChunks(chunks)
+    scores = score_feature_chunks(counted, conversion, value, settings)
+    report_scores(scores, counted.count, conversion, value)
+    return scores
+
+
+def report_scores(
+    scores: pd.DataFrame, chunks: int, conversion: ChampionModel, value: ChampionModel | None
+) -> None:
+    """Log how many leads were scored, with which models, and the count of each route."""
     route_counts = scores["route"].value_counts()
     routes = ("priority", "self_serve", "sales_rep", "nurture")
     _run_logger().info(
         "scored %d leads in %d chunk(s) with conversion version %s and value version %s; "
         "routes: priority %d, self_serve %d, sales_rep %d, nurture %d",
         len(scores),
-        -(-len(features) // settings.chunk_rows),
+        chunks,
         conversion.version,
         value.version if value is not None else "none",
         *(int(route_counts.get(route, 0)) for route in routes),
     )
-    return scores
+
+
+class _CountedChunks:
+    """An iterable of chunks that counts the chunks it has yielded."""
+
+    def __init__(self, chunks: Iterable[pd.DataFrame]):
+        self.chunks = chunks
+        self.count = 0
+
+    def __iter__(self):
+        for chunk in self.chunks:
+            self.count += 1
+            yield chunk
 
 
 @task(name="compute-frontier", cache_policy=NO_CACHE)
+@measured
 def compute_frontier_task(scores: pd.DataFrame, capacity: int) -> pd.DataFrame:
     """Compute the volume/value frontier for the rep capacity."""
     frontier = compute_frontier(scores, capacity)

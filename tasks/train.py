@@ -48,6 +48,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OrdinalEncoder
 
+from fulcrum.timing import measured
 from fulcrum.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -1070,6 +1071,7 @@ def _score_champion_on_holdout(
 
 
 @task(name="train-conversion-model", cache_policy=NO_CACHE)
+@measured
 def train_conversion_task(
     train_set: pd.DataFrame,
     spec: FeatureSpec,
@@ -1084,6 +1086,7 @@ def train_conversion_task(
 
 
 @task(name="train-value-model", cache_policy=NO_CACHE)
+@measured
 def train_value_task(
     train_set: pd.DataFrame,
     spec: FeatureSpec,

@@ -32,6 +32,7 @@ from great_expectations.expectations.row_conditions import deserialize_row_condi
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from fulcrum.timing import measured
 from fulcrum.contract import INVOICE_KINDS, SOURCES, SourceContract
 from fulcrum.settings import Settings
 from tasks.extract import SourceFrames
@@ -713,6 +714,7 @@ def _truncate(text: str, length: int) -> str:
 
 
 @task(name="validate-sources", cache_policy=NO_CACHE)
+@measured
 def validate_sources_task(
     frames: SourceFrames,
     as_of: datetime.date,

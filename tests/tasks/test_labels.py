@@ -1,33 +1,41 @@
 """Labels turn billing history into ARPU, margin, churn and LTV per account, as of a cutoff.
 
 Every expected value below is worked out by hand from the small billing tables in the test.
+The tests of the warehouse path also compare its labels with those of the pandas path.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
+import uuid
 
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 from prefect.cache_policies import NO_CACHE
 
-from fulcrum.contract import BILLING_ACCOUNTS, INVOICES
+from fulcrum.contract import BILLING_ACCOUNTS, INVOICES, SOURCES
 from fulcrum.settings import LtvSettings
+from fulcrum.simulate import simulate_company
+from fulcrum.warehouse import create_engine_for
 from tasks import labels
-from tasks.extract import SourceFrames
+from tasks.extract import SourceFrames, read_source_with_retries, restrict_to_cutoff
 from tasks.labels import (
     ACCOUNT_LTV_COLUMNS,
     CHURN_RATE_COLUMNS,
     COVERAGE_SPELL_COLUMNS,
     DATA_PROBLEMS,
     MONTHLY_REVENUE_COLUMNS,
+    _label_accounts,
     churn_rates,
     coverage_spells,
     expected_lifetime_months,
     find_data_problems,
     label_accounts,
+    label_accounts_in_warehouse,
     label_accounts_task,
     monthly_revenue,
 )
@@ -740,3 +748,495 @@ def test_task_runs_in_prefect_flow(prefect_api):
 
     assert list(result["account_id"]) == ["a"]
     assert result["ltv"].iloc[0] == pytest.approx(6000.0)
+
+
+# Labels computed in the warehouse
+
+SIMULATION_END = dt.date(2024, 7, 1)
+
+
+def drop_schema(url: str, schema: str) -> None:
+    engine = create_engine_for(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.schema.DropSchema(schema, cascade=True, if_exists=True))
+    finally:
+        engine.dispose()
+
+
+def create_schema(url: str, schema: str) -> None:
+    engine = create_engine_for(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.schema.CreateSchema(schema))
+    finally:
+        engine.dispose()
+
+
+DIALECTS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=DIALECTS)
+def warehouse(request, tmp_path):
+    """Return (url, schema) of an empty warehouse: a SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'billing.db'}", None
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"labels_{uuid.uuid4().hex[:10]}"
+    create_schema(url, schema)
+    try:
+        yield url, schema
+    finally:
+        drop_schema(url, schema)
+
+
+@pytest.fixture(scope="module", params=DIALECTS)
+def simulated_warehouse(request, tmp_path_factory):
+    """Return (url, schema) of a simulated company of 4,000 leads over 24 months."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('simulated') / 'warehouse.db'}"
+        schema = None
+    else:
+        url = request.getfixturevalue("postgres_url")
+        schema = f"labels_{uuid.uuid4().hex[:10]}"
+    simulate_company(url, leads=4000, months=24, seed=23, end=SIMULATION_END, schema=schema)
+    try:
+        yield url, schema
+    finally:
+        if schema is not None:
+            drop_schema(url, schema)
+
+
+def source_mapping(schema: str | None, **tables: str) -> dict[str, dict]:
+    """Map billing_accounts and invoices to tables in ``schema``, by default their own names."""
+    names = {"billing_accounts": "billing_accounts", "invoices": "invoices", **tables}
+    return {source: {"table": table, "schema": schema} for source, table in names.items()}
+
+
+def nullable_billing_tables(schema: str | None) -> tuple[sa.Table, sa.Table]:
+    """Tables with the contract's billing columns, all nullable and without keys, to store
+    the rows that the contract's own tables reject."""
+    types = {"string": sa.Text, "timestamp": lambda: sa.DateTime(timezone=True), "float": sa.Float}
+    metadata = sa.MetaData()
+    tables = [
+        sa.Table(
+            f"raw_{contract.name}",
+            metadata,
+            *(sa.Column(column.name, types[column.kind]()) for column in contract.columns),
+            schema=schema,
+        )
+        for contract in (BILLING_ACCOUNTS, INVOICES)
+    ]
+    return tables[0], tables[1]
+
+
+def database_value(value):
+    """Return a value of account() or line() as the driver takes it, with None for missing."""
+    if value is None or isinstance(value, str):
+        return value
+    if pd.isna(value):
+        return None
+    if isinstance(value, pd.Timestamp):
+        return value.to_pydatetime()
+    return value
+
+
+def insert_rows(engine: sa.Engine, table: sa.Table, rows: list[dict]) -> None:
+    """Create ``table`` and insert ``rows``."""
+    records = [{key: database_value(value) for key, value in row.items()} for row in rows]
+    table.create(engine)
+    if records:
+        with engine.begin() as connection:
+            connection.execute(table.insert(), records)
+
+
+def write_billing(url: str, schema: str | None, accounts: list[dict], lines: list[dict]) -> None:
+    engine = create_engine_for(url)
+    try:
+        account_table, invoice_table = nullable_billing_tables(schema)
+        insert_rows(engine, account_table, accounts)
+        insert_rows(engine, invoice_table, lines)
+    finally:
+        engine.dispose()
+
+
+def read_whole(url: str, query: sa.Select | sa.TextClause) -> pd.DataFrame:
+    engine = create_engine_for(url)
+    try:
+        with engine.connect() as connection:
+            return pd.read_sql_query(query, connection)
+    finally:
+        engine.dispose()
+
+
+def label_in_warehouse(settings, cutoff: pd.Timestamp) -> tuple[pd.DataFrame, dict[str, int]]:
+    engine = create_engine_for(settings.warehouse_url.get_secret_value())
+    try:
+        return label_accounts_in_warehouse(engine, settings, cutoff)
+    finally:
+        engine.dispose()
+
+
+def assert_same_labels(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Compare label frames: floats within a relative 1e-9, everything else exactly."""
+    assert list(actual.columns) == list(expected.columns)
+    assert actual.dtypes.to_dict() == expected.dtypes.to_dict()
+    assert len(actual) == len(expected)
+    for column in expected.columns:
+        if expected[column].dtype == "float64":
+            np.testing.assert_allclose(
+                actual[column].to_numpy(),
+                expected[column].to_numpy(),
+                rtol=1e-9,
+                atol=0.0,
+                err_msg=column,
+            )
+        else:
+            assert actual[column].tolist() == expected[column].tolist(), column
+
+
+@pytest.mark.parametrize(
+    "cutoff",
+    [utc("2024-07-01"), utc("2024-03-15 06:30")],
+    ids=["month-start", "mid-month"],
+)
+def test_warehouse_matches_pandas_on_simulation(
+    simulated_warehouse, settings_factory, cutoff
+):
+    url, schema = simulated_warehouse
+    settings = settings_factory(warehouse_url=url, sources=source_mapping(schema))
+    engine = create_engine_for(url)
+    try:
+        frames = {
+            name: restrict_to_cutoff(
+                read_source_with_retries(engine, name, settings, cutoff), SOURCES[name], cutoff
+            )
+            for name in ("billing_accounts", "invoices")
+        }
+    finally:
+        engine.dispose()
+    expected, expected_problems = _label_accounts(
+        frames["billing_accounts"], frames["invoices"], cutoff, settings.ltv
+    )
+
+    actual, problems = label_in_warehouse(settings, cutoff)
+
+    assert problems == expected_problems
+    assert_same_labels(actual, expected)
+    # The comparison covers churned, active and reactivated accounts, and accounts with an LTV.
+    assert len(expected) > 100
+    assert expected["is_active"].any()
+    assert not expected["is_active"].all()
+    assert expected["ltv"].notna().any()
+    spells = coverage_spells(frames["invoices"], cutoff, settings.ltv.churn_grace_days)
+    assert spells["churned"].any()
+    assert spells["account_id"].duplicated().any()
+
+
+def test_warehouse_counts_every_data_problem(warehouse, settings_factory):
+    url, schema = warehouse
+    missing_amount = line("no-amount", "a", "2024-02-01", "2024-03-01", 100.0)
+    missing_amount["amount"] = None
+    missing_issue = line("no-issue", "a", "2024-02-01", "2024-03-01", 100.0)
+    missing_issue["issued_at"] = None
+    # Broken rows that the cutoff hides are not reported.
+    late_missing_cost = line("late-no-cost", "a", "2024-07-01", "2024-08-01", 100.0)
+    late_missing_cost["cost"] = None
+    lines = [
+        line("ok", "a", "2024-01-01", "2024-02-01", 100.0, cost=10.0),
+        line("ok", "a", "2024-01-01", "2024-02-01", 100.0, issued="2024-01-02"),
+        missing_amount,
+        missing_issue,
+        late_missing_cost,
+        line("inverted", "a", "2024-03-01", "2024-02-01", 100.0),
+        line("late-inverted", "a", "2024-09-01", "2024-08-01", 100.0, issued="2024-07-05"),
+        line("adj", "a", "2024-01-01", "2024-02-01", 10.0, kind="adjustment"),
+        line("no-kind", "a", "2024-01-01", "2024-02-01", 1.0, kind=None),
+        line("pos", "a", "2024-01-01", "2024-02-01", 5.0, kind="refund"),
+        line("neg", "a", "2024-01-01", "2024-02-01", -5.0),
+        line("ghost", "nobody", "2024-01-01", "2024-02-01", 100.0),
+        line("x-line", "x", "2024-01-01", "2024-02-01", 100.0),
+        line("eur", "a", "2024-01-01", "2024-02-01", 100.0, currency="EUR"),
+        line("no-currency", "a", "2024-01-01", "2024-02-01", 100.0, currency=None),
+        # 3650 over the 365 days to 2025-03-10 is 10 a day, and 113 days lie before the cutoff.
+        line("b-annual", "b", "2024-03-10", "2025-03-10", 3650.0, cost=365.0),
+        line("b-credit", "b", "2024-04-15", "2024-04-15", -30.0, kind="credit"),
+        line("b-renewal", "b", "2025-03-10", "2026-03-10", 3650.0, issued="2024-06-30"),
+        line("d-jan", "d", "2024-01-01", "2024-02-01", 50.0),
+        line("d-feb", "d", "2024-02-01", "2024-03-01", 50.0),
+        line("d-may", "d", "2024-05-01", "2024-06-01", 50.0),
+        line("f-open", "f", "2024-06-01", "9999-12-31", 0.0),
+    ]
+    no_currency = account("x", "2024-01-01")
+    no_currency["currency"] = None
+    late_no_currency = account("y", "2024-07-02")
+    late_no_currency["currency"] = None
+    no_start = account("z", "2024-01-01")
+    no_start["started_at"] = None
+    accounts = [
+        account("a", "2024-01-01"),
+        account("a", "2024-02-01", plan="team"),
+        no_currency,
+        late_no_currency,
+        no_start,
+        account("b", "2024-03-10", plan="  "),
+        account("c", "2024-05-01", plan=None, currency="EUR"),
+        account("d", "2024-01-01"),
+        account("f", "2024-06-01", plan="team"),
+    ]
+    write_billing(url, schema, accounts, lines)
+    settings = settings_factory(
+        warehouse_url=url,
+        sources=source_mapping(
+            schema, billing_accounts="raw_billing_accounts", invoices="raw_invoices"
+        ),
+    )
+
+    labelled, problems = label_in_warehouse(settings, CUTOFF)
+
+    assert problems == {
+        "invoice_missing_values": 2,
+        "invoice_inverted_period": 1,
+        "invoice_duplicate_id": 1,
+        "invoice_unknown_kind": 2,
+        "invoice_positive_refund": 1,
+        "invoice_negative_charge": 1,
+        "invoice_unknown_account": 2,
+        "invoice_currency_mismatch": 2,
+        "account_missing_values": 2,
+        "account_duplicate_id": 1,
+    }
+    assert list(labelled["account_id"]) == ["a", "b", "c", "d", "f"]
+    assert list(labelled["segment"]) == ["pro", "unknown", "unknown", "pro", "team"]
+    assert list(labelled["currency"]) == ["USD", "USD", "EUR", "USD", "USD"]
+    # a: ok 100, adjustment 10, no kind 1, positive refund 5 and negative charge -5.
+    # b: 113 days of the annual charge less the one-off credit of 30.
+    assert list(labelled["revenue"]) == pytest.approx([111.0, 1100.0, 0.0, 150.0, 0.0])
+    assert list(labelled["cost"]) == pytest.approx([10.0, 113.0, 0.0, 0.0, 0.0])
+    assert list(labelled["months_billed"]) == pytest.approx([1.0, 3 + 22 / 31, 0.0, 3.0, 1.0])
+    assert list(labelled["is_active"]) == [False, True, False, True, True]
+
+    expected, expected_problems = _label_accounts(
+        read_whole(url, sa.select(nullable_billing_tables(schema)[0])),
+        read_whole(url, sa.select(nullable_billing_tables(schema)[1])),
+        CUTOFF,
+        settings.ltv,
+    )
+    assert problems == expected_problems
+    assert_same_labels(labelled, expected)
+
+
+def test_warehouse_follows_docs_churn_example(warehouse, settings_factory):
+    url, schema = warehouse
+    lines = [
+        line("g1", "gone", "2024-01-01", "2024-03-01", 200.0),
+        line("p1", "paused", "2024-01-01", "2024-03-01", 200.0),
+        line("p2", "paused", "2024-04-01", "2024-07-01", 300.0),
+        line("l1", "lapsed", "2024-01-01", "2024-03-01", 200.0),
+        line("l2", "lapsed", "2024-04-02", "2024-07-01", 300.0),
+        line("r1", "recent", "2024-01-01", "2024-06-10", 100.0),
+        line("e1", "edge", "2024-01-01", "2024-05-31", 100.0),
+        line("s1", "past", "2024-01-01", "2024-05-30", 100.0),
+        # The add-on ends before the April charge starts, but the annual plan still covers it.
+        line("n1", "nested", "2024-01-01", "2024-12-31", 3650.0),
+        line("n2", "nested", "2024-02-01", "2024-03-01", 20.0),
+        line("n3", "nested", "2024-04-01", "2024-05-01", 20.0),
+    ]
+    names = ["edge", "gone", "lapsed", "nested", "past", "paused", "recent"]
+    accounts = [account(name, "2024-01-01") for name in names]
+    write_billing(url, schema, accounts, lines)
+    settings = settings_factory(
+        warehouse_url=url,
+        sources=source_mapping(
+            schema, billing_accounts="raw_billing_accounts", invoices="raw_invoices"
+        ),
+        ltv={"churn_prior_months": 10.0, "churn_grace_days": 31},
+    )
+
+    labelled, _ = label_in_warehouse(settings, CUTOFF)
+
+    assert list(labelled["account_id"]) == names
+    assert list(labelled["is_active"]) == [True, False, True, True, False, True, True]
+    # lapsed: January and February, 29 of April's 30 days, May and June.
+    assert list(labelled["months_billed"]) == pytest.approx(
+        [5 - 1 / 31, 2.0, 4 + 29 / 30, 6.0, 5 - 2 / 31, 5.0, 5 + 9 / 30]
+    )
+    expected, _ = _label_accounts(
+        read_whole(url, sa.select(nullable_billing_tables(schema)[0])),
+        read_whole(url, sa.select(nullable_billing_tables(schema)[1])),
+        CUTOFF,
+        settings.ltv,
+    )
+    assert_same_labels(labelled, expected)
+
+
+def export_table(schema: str | None) -> sa.Table:
+    """A billing export with its own column names, and text in every column."""
+    names = [
+        "line_ref",
+        "customer",
+        "service_from",
+        "service_to",
+        "billed_at",
+        "net",
+        "cost_to_serve",
+        "ccy",
+        "line_type",
+    ]
+    return sa.Table(
+        "invoice_export",
+        sa.MetaData(),
+        *(sa.Column(name, sa.Text) for name in names),
+        schema=schema,
+    )
+
+
+def export_mapping(schema: str | None) -> str:
+    table = f"{schema}.invoice_export" if schema else "invoice_export"
+    return (
+        "SELECT line_ref AS invoice_id, customer AS account_id, service_from AS period_start, "
+        "service_to AS period_end, billed_at AS issued_at, net AS amount, "
+        f"cost_to_serve AS cost, ccy AS currency, line_type AS kind FROM {table}"
+    )
+
+
+def export_line(reference: str, start: str, end: str, amount: str, issued: str = "") -> dict:
+    return {
+        "line_ref": reference,
+        "customer": "m",
+        "service_from": start,
+        "service_to": end,
+        "billed_at": issued or start,
+        "net": amount,
+        "cost_to_serve": "0",
+        "ccy": "USD",
+        "line_type": "charge",
+    }
+
+
+def test_warehouse_reads_sql_mapping(warehouse, settings_factory):
+    url, schema = warehouse
+    account_table, _ = nullable_billing_tables(schema)
+    engine = create_engine_for(url)
+    try:
+        insert_rows(engine, account_table, [account("m", "2024-01-15", plan="growth")])
+        insert_rows(
+            engine,
+            export_table(schema),
+            [
+                export_line("m1", "2024-01-15T00:00:00Z", "2024-02-01T00:00:00Z", "170"),
+                export_line("m2", "2024-02-01T00:00:00Z", "2024-03-01T00:00:00Z", "310.0"),
+                export_line("m3", "2024-03-01T00:00:00Z", "2024-04-01T00:00:00Z", "310"),
+                # 20 June 10:00 UTC to 20 July: 254 of the period's 720 hours lie before the cutoff.
+                export_line(
+                    "m4", "2024-06-20T12:00:00+02:00", "2024-07-20T12:00:00+02:00", "300"
+                ),
+            ],
+        )
+    finally:
+        engine.dispose()
+    sources = source_mapping(schema, billing_accounts="raw_billing_accounts")
+    sources["invoices"] = {"sql": export_mapping(schema)}
+    settings = settings_factory(warehouse_url=url, sources=sources)
+
+    labelled, problems = label_in_warehouse(settings, CUTOFF)
+
+    assert set(problems.values()) == {0}
+    m = row_of(labelled, "m")
+    assert m["revenue"] == pytest.approx(790.0 + 300.0 * 254 / 720)
+    assert m["months_billed"] == pytest.approx(2 + 17 / 31 + 254 / 720)
+    assert bool(m["is_active"]) is True
+    expected, _ = _label_accounts(
+        read_whole(url, sa.select(account_table)),
+        read_whole(url, sa.text(export_mapping(schema))),
+        CUTOFF,
+        settings.ltv,
+    )
+    assert_same_labels(labelled, expected)
+
+
+def test_warehouse_rejects_unparsable_timestamp(warehouse, settings_factory):
+    url, schema = warehouse
+    account_table, _ = nullable_billing_tables(schema)
+    engine = create_engine_for(url)
+    try:
+        insert_rows(engine, account_table, [account("m", "2024-01-15")])
+        insert_rows(
+            engine,
+            export_table(schema),
+            [export_line("m1", "2024-01-15", "2024-02-01", "170", issued="soon")],
+        )
+    finally:
+        engine.dispose()
+    sources = source_mapping(schema, billing_accounts="raw_billing_accounts")
+    sources["invoices"] = {"sql": export_mapping(schema)}
+    settings = settings_factory(warehouse_url=url, sources=sources)
+
+    if schema is None:
+        message = r"invoices\.issued_at has 1 values that are not timestamps, for example \['soon'\]"
+    else:
+        message = r"contain a value that labelling cannot read: InvalidDatetimeFormat"
+    with pytest.raises(ValueError, match=message):
+        label_in_warehouse(settings, CUTOFF)
+
+
+def test_warehouse_empty_sources_match_pandas(warehouse, settings_factory):
+    url, schema = warehouse
+    write_billing(url, schema, [], [])
+    settings = settings_factory(
+        warehouse_url=url,
+        sources=source_mapping(
+            schema, billing_accounts="raw_billing_accounts", invoices="raw_invoices"
+        ),
+    )
+
+    labelled, problems = label_in_warehouse(settings, CUTOFF)
+
+    expected, expected_problems = _label_accounts(
+        accounts_table(), invoices_table(), CUTOFF, settings.ltv
+    )
+    assert problems == expected_problems
+    assert_same_labels(labelled, expected)
+
+
+def test_warehouse_absent_sources_give_no_labels(settings_factory):
+    absent = {"absent": True}
+    settings = settings_factory(sources={"billing_accounts": absent, "invoices": absent})
+
+    labelled, problems = label_in_warehouse(settings, CUTOFF)
+
+    assert list(labelled.columns) == ACCOUNT_LTV_COLUMNS
+    assert labelled.empty
+    assert problems == dict.fromkeys(DATA_PROBLEMS, 0)
+
+
+def test_warehouse_rejects_missing_segment_column(sqlite_url, settings_factory):
+    write_billing(sqlite_url, None, [account("a", "2024-01-01")], [])
+    sources = source_mapping(None, billing_accounts="raw_billing_accounts", invoices="raw_invoices")
+    settings = settings_factory(
+        warehouse_url=sqlite_url, sources=sources, ltv={"segment_column": "tier"}
+    )
+
+    with pytest.raises(ValueError, match="billing_accounts has no column 'tier'"):
+        label_in_warehouse(settings, CUTOFF)
+
+
+def test_warehouse_allows_missing_segment_without_rows(sqlite_url, settings_factory):
+    write_billing(sqlite_url, None, [], [])
+    sources = source_mapping(None, billing_accounts="raw_billing_accounts", invoices="raw_invoices")
+    settings = settings_factory(
+        warehouse_url=sqlite_url, sources=sources, ltv={"segment_column": "tier"}
+    )
+
+    labelled, _ = label_in_warehouse(settings, CUTOFF)
+
+    assert list(labelled.columns) == ACCOUNT_LTV_COLUMNS
+    assert labelled.empty
+
+
+def test_warehouse_rejects_naive_cutoff(sqlite_url, settings_factory):
+    settings = settings_factory(warehouse_url=sqlite_url)
+
+    with pytest.raises(ValueError, match="cutoff must be a timezone-aware timestamp"):
+        label_in_warehouse(settings, pd.Timestamp("2024-07-01"))
