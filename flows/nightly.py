@@ -97,7 +97,7 @@ class StageClock:
     """Wall time of each stage of a run, measured from one stage's start to the next one's.
 
     With ``peaks``, it also records the process's peak resident memory in MiB at the end of
-    each stage, so that the stage that raised the peak can be told.
+    each stage, which shows the stage that raised the peak.
     """
 
     def __init__(self, seconds: dict[str, float], peaks: dict[str, float] | None = None):
