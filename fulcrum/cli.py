@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Prefect's client logs every API request at INFO through httpx.
+    # Prefect's client logs every API request at INFO through httpx, and Great Expectations
+    # logs its temporary context's set-up at INFO, over several lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not args.verbose:
+        logging.getLogger("great_expectations").setLevel(logging.WARNING)
     handlers = {
         "init-db": command_init_db,
         "simulate": command_simulate,

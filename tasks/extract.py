@@ -138,18 +138,21 @@ def query_fingerprint(engine: Engine, query: sa.Select) -> str:
 
 def read_source(engine: Engine, name: str, query: sa.Select, chunk_rows: int) -> pd.DataFrame:
     """Read one source in chunks, on a read-only connection, and return it with contract types."""
+    contract = SOURCES[name]
     chunks = []
     with read_only_connection(engine) as connection:
         # A server-side cursor on PostgreSQL, so that rows arrive chunk by chunk instead of
-        # all at once in the driver's buffer.
+        # all at once in the driver's buffer. Each chunk is typed as it arrives, so the
+        # untyped rows of only one chunk are in memory at a time.
         connection = connection.execution_options(stream_results=True, max_row_buffer=chunk_rows)
         for chunk in pd.read_sql_query(query, connection, chunksize=chunk_rows):
-            chunks.append(chunk)
-    if chunks:
-        frame = pd.concat(chunks, ignore_index=True)
-    else:
-        frame = pd.DataFrame(columns=[c.name for c in query.selected_columns])
-    return coerce_source_types(frame, SOURCES[name])
+            chunks.append(coerce_source_types(chunk, contract))
+    if not chunks:
+        empty = pd.DataFrame(columns=[c.name for c in query.selected_columns])
+        return coerce_source_types(empty, contract)
+    if len(chunks) == 1:
+        return chunks[0]
+    return pd.concat(chunks, ignore_index=True)
 
 
 def coerce_source_types(frame: pd.DataFrame, contract: SourceContract) -> pd.DataFrame:
@@ -163,6 +166,10 @@ def coerce_source_types(frame: pd.DataFrame, contract: SourceContract) -> pd.Dat
         if column.kind == "timestamp":
             frame[column.name] = to_utc(values, contract.name, column.name)
         elif column.kind == "string":
+            if pd.api.types.is_string_dtype(values.dtype) and values.dtype != object:
+                # Already text, stored compactly; making it Python objects would cost
+                # several times the memory.
+                continue
             frame[column.name] = values.astype("object").where(values.notna(), None)
             frame[column.name] = frame[column.name].map(
                 lambda value: value if value is None or isinstance(value, str) else str(value)
