@@ -42,6 +42,7 @@ from tasks.score import (
     FRONTIER_COLUMNS,
     SCORE_COLUMNS,
     compute_frontier_task,
+    report_scores,
     score_feature_chunks_on_dask,
     score_leads_task,
 )
@@ -270,17 +271,23 @@ def run_stages(
 
         lead_scores, frontier = empty_lead_scores(), empty_frontier()
         if settings.has_crm:
-            stage = clock.start("features")
-            conversion_set, value_set = build_training_sets_task(
-                frames, account_ltv, cutoff, settings, warehouse
-            )
-            result.stage_rows["features"] = len(conversion_set.frame) + len(value_set.frame)
-            result.stage_rows["train"] = result.stage_rows["features"] if retrain else 0
-
-            stage = clock.start("train")
-            tags = {"prefect_flow_run_id": str(flow_run_id), "as_of": as_of.isoformat(), "fulcrum_run_id": run_id}
+            # A run that does not retrain needs no training sets.
             if retrain:
+                stage = clock.start("features")
+                conversion_set, value_set = build_training_sets_task(
+                    frames, account_ltv, cutoff, settings, warehouse
+                )
+                result.stage_rows["features"] = len(conversion_set.frame) + len(value_set.frame)
+                result.stage_rows["train"] = result.stage_rows["features"]
+
+                stage = clock.start("train")
+                tags = {
+                    "prefect_flow_run_id": str(flow_run_id),
+                    "as_of": as_of.isoformat(),
+                    "fulcrum_run_id": run_id,
+                }
                 train_both_models(result, conversion_set, value_set, settings, tags, as_of)
+                del conversion_set, value_set
 
             stage = clock.start("score")
             lead_scores, frontier = score_open_leads(
@@ -418,6 +425,8 @@ def score_open_leads(
             lead_scores = score_feature_chunks_on_dask(
                 chunks, conversion_champion, value_champion, settings
             )
+            chunk_count = max(1, -(-len(lead_scores) // settings.chunk_rows))
+            report_scores(lead_scores, chunk_count, conversion_champion, value_champion)
         else:
             lead_scores = score_leads_task(chunks, conversion_champion, value_champion, settings)
     frontier = compute_frontier_task(lead_scores, settings.rep_capacity)

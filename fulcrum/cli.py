@@ -171,9 +171,17 @@ def command_simulate(args: argparse.Namespace) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    from flows.nightly import nightly_scores
+    from flows.nightly import StageError, nightly_scores
+    from fulcrum.settings import load_settings
 
-    result = nightly_scores(as_of=args.as_of, retrain=not args.no_retrain)
+    # Resolved here first, so that invalid settings fail at once, before Prefect starts.
+    load_settings()
+    try:
+        result = nightly_scores(as_of=args.as_of, retrain=not args.no_retrain)
+    except StageError as exc:
+        # Prefect has already logged the traceback; the last line states the outcome.
+        print(f"fulcrum run: the run failed in stage '{exc.stage}': {exc.__cause__}", file=sys.stderr)
+        return 1
     print_result(result)
     return 0 if result.status == "succeeded" else 1
 

@@ -293,10 +293,11 @@ def assign_routes(
 ) -> np.ndarray:
     """Route each lead by quantile thresholds over all scored leads.
 
-    High p means p >= the ``routes.probability_quantile`` quantile of p (linear interpolation),
-    high v likewise with ``routes.value_quantile``. High p and high v -> priority, high p and
-    low v -> self_serve, low p and high v -> sales_rep, both low -> nurture. Without value
-    predictions (all NaN) high p -> priority and low p -> nurture.
+    High p means p at or above the ``routes.probability_quantile`` quantile of p (linear
+    interpolation), high v likewise with ``routes.value_quantile`` (see ``is_high``). High p
+    and high v -> priority, high p and low v -> self_serve, low p and high v -> sales_rep,
+    both low -> nurture. Without value predictions (all NaN) high p -> priority and low p ->
+    nurture.
     """
     p_convert = np.asarray(p_convert, dtype=np.float64)
     predicted_ltv = np.asarray(predicted_ltv, dtype=np.float64)
@@ -304,16 +305,29 @@ def assign_routes(
     if len(p_convert) == 0:
         return routes
 
-    high_p = p_convert >= np.quantile(p_convert, settings.routes.probability_quantile)
+    high_p = is_high(p_convert, settings.routes.probability_quantile)
     if np.isnan(predicted_ltv).all():
         routes[high_p] = "priority"
         return routes
 
-    high_v = predicted_ltv >= np.quantile(predicted_ltv, settings.routes.value_quantile)
+    high_v = is_high(predicted_ltv, settings.routes.value_quantile)
     routes[high_p & high_v] = "priority"
     routes[high_p & ~high_v] = "self_serve"
     routes[~high_p & high_v] = "sales_rep"
     return routes
+
+
+def is_high(scores: np.ndarray, quantile: float) -> np.ndarray:
+    """Return which scores are at or above their ``quantile`` quantile (linear interpolation).
+
+    When that threshold is the lowest score, only scores above it are high. Isotonic
+    calibration gives most leads the same lowest probability, and counting all of them as
+    high would leave no lead low.
+    """
+    threshold = np.quantile(scores, quantile)
+    if threshold <= scores.min():
+        return scores > threshold
+    return scores >= threshold
 
 
 def compute_frontier(scores: pd.DataFrame, capacity: int) -> pd.DataFrame:

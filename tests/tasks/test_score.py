@@ -13,6 +13,7 @@ from tasks.score import (
     SCORE_COLUMNS,
     compute_frontier,
     compute_frontier_task,
+    is_high,
     overlay_scores,
     plot_frontier,
     rank_descending,
@@ -171,6 +172,21 @@ def test_route_threshold_is_inclusive(conversion_model, value_model, settings_fa
     scores = score_leads(leads, conversion_model, value_model, settings)
 
     assert scores["route"].tolist() == ["sales_rep", "priority", "self_serve"]
+
+
+def test_ties_at_lowest_score_are_low():
+    # Eight of ten leads share the lowest probability, so the 0.7 quantile is that value.
+    p_convert = np.array([0.01] * 8 + [0.5, 0.9])
+
+    high = is_high(p_convert, 0.7)
+
+    assert high.tolist() == [False] * 8 + [True, True]
+
+
+def test_equal_scores_are_all_low():
+    high = is_high(np.array([0.3, 0.3, 0.3]), 0.5)
+
+    assert high.tolist() == [False, False, False]
 
 
 def test_score_without_value_model(five_leads, conversion_model, settings_factory):
