@@ -4,18 +4,21 @@ Usage:
     python bench/bench_nightly.py --leads 100000 1000000 --backend sqlite postgresql
 
 For each size and backend, a separate process simulates a company into a new warehouse, so
-that the simulator's memory is not counted, and the new tables are vacuumed and analysed. The warehouse is a SQLite file in a temporary
+that the simulator's memory is not counted. The warehouse is a SQLite file in a temporary
 folder, or a new PostgreSQL database created through --postgres-url and dropped at the end.
-A fresh process then runs the nightly-scores flow once, as of the day after the simulated period:
-extract, validate, labels, features, training of both models, scoring and publishing. Before
-timing, it runs an empty flow, so that Prefect's local API server is up and imported.
+Its new tables are vacuumed and analysed. A fresh process then runs the nightly-scores flow
+once, as of the day after the simulated period: extract, validate, labels, features, training
+of both models, scoring and publishing. Before timing, it runs an empty flow, so that
+Prefect's local API server is up and imported.
 
-Printed per run: each stage's wall time and rows per second, the flow's wall time, the peak
-resident memory of the flow's process, the time outside Fulcrum's own stage code
-(orchestration: Prefect's task and flow engines, its API calls and the bookkeeping that is not
-measured), and, for publishing, the throughput of the publish-scores task against a raw write
-of the same rows into tables without a key (COPY on PostgreSQL, executemany on SQLite), timed
-in the same process right after the flow.
+Printed per run:
+- each stage's wall time, rows per second and the peak resident memory at its end;
+- the flow's wall time and the peak resident memory of its process;
+- the time outside Fulcrum's own stage code: Prefect's task and flow engines, its API calls
+  and the bookkeeping that is not measured;
+- the throughput of the publish-scores task against a raw write of the same rows into tables
+  without a key (COPY on PostgreSQL, executemany on SQLite), timed right after the flow.
+
 --json writes every figure to a file.
 """
 
@@ -26,7 +29,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,6 @@ if str(REPOSITORY) not in sys.path:
 
 STAGES = ["extract", "validate", "labels", "features", "train", "score", "publish"]
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-MIB = 1024 * 1024
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,10 +89,6 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def configure(folder: Path, url: str) -> None:
     """Point the run settings at the benchmark's folder and warehouse."""
     os.environ.pop("FULCRUM_CONFIG", None)
@@ -106,7 +103,7 @@ def run_child(url: str, folder: Path, as_of: dt.date) -> dict:
     configure(folder, url)
     from prefect import flow
 
-    from flows.nightly import nightly_scores
+    from flows.nightly import nightly_scores, peak_resident_mib
     from fulcrum.timing import measured_seconds, reset_measured_seconds
 
     @flow(name="bench-warm-up")
@@ -116,7 +113,7 @@ def run_child(url: str, folder: Path, as_of: dt.date) -> dict:
     started = time.perf_counter()
     warm_up()
     warm_up_seconds = time.perf_counter() - started
-    baseline_mib = peak_mib()
+    baseline_mib = peak_resident_mib()
 
     reset_measured_seconds()
     started = time.perf_counter()
@@ -134,7 +131,7 @@ def run_child(url: str, folder: Path, as_of: dt.date) -> dict:
         "rows_published": result.rows_published,
         "leads_scored": result.leads_scored,
         "peak_mib_before_flow": baseline_mib,
-        "peak_mib": peak_mib(),
+        "peak_mib": peak_resident_mib(),
         "metrics": result.metrics,
     }
     figures["publish_task_seconds"] = measured_seconds().get("tasks.publish.publish_scores_task")
@@ -148,18 +145,17 @@ PUBLISHED_TABLES = ("lead_scores", "account_ltv", "volume_value_frontier")
 def time_raw_copy(as_of: dt.date) -> dict:
     """Time a raw write of every row the run published into tables without a key.
 
-    The rows of the three per-date tables are read back and each table's rows are written in
-    one go into a new table with the same columns and no key: COPY of the same CSV that
-    publishing sends on PostgreSQL, one executemany on SQLite.
+    The rows of the three per-date tables are read back. Each table's rows are then written
+    in one go by bench/bench_publish.py's ``time_raw_write``.
     """
     import pandas as pd
     import sqlalchemy as sa
-    from psycopg import sql
 
-    from fulcrum.bulk import copy_rows, to_arrow_table
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_publish import time_raw_write
+
     from fulcrum.settings import load_settings
     from fulcrum.warehouse import Warehouse
-    from tasks.publish import INSERT_BATCH_ROWS, iter_records
 
     warehouse = Warehouse.from_settings(load_settings())
     rows, seconds = 0, 0.0
@@ -167,28 +163,10 @@ def time_raw_copy(as_of: dt.date) -> dict:
         for name in PUBLISHED_TABLES:
             source = warehouse.outputs[name]
             with warehouse.engine.connect() as connection:
-                frame = pd.read_sql_query(sa.select(source).where(source.c.as_of == as_of), connection)
-            plain = sa.Table(
-                f"bench_raw_{name}_{uuid.uuid4().hex[:8]}",
-                sa.MetaData(),
-                *[sa.Column(column.name, column.type) for column in source.columns],
-                schema=warehouse.schema,
-            )
-            plain.create(warehouse.engine)
-            try:
-                started = time.perf_counter()
-                with warehouse.engine.begin() as connection:
-                    if warehouse.dialect == "postgresql":
-                        schema = [warehouse.schema] if warehouse.schema else []
-                        target = sql.Identifier(*schema, plain.name)
-                        copy_rows(connection, target, to_arrow_table(frame, list(plain.columns)))
-                    else:
-                        for records in iter_records(frame, list(plain.columns), INSERT_BATCH_ROWS):
-                            connection.execute(plain.insert(), records)
-                seconds += time.perf_counter() - started
-                rows += len(frame)
-            finally:
-                plain.drop(warehouse.engine)
+                query = sa.select(source).where(source.c.as_of == as_of)
+                frame = pd.read_sql_query(query, connection)
+            seconds += time_raw_write(warehouse, source, frame)
+            rows += len(frame)
         return {"rows": rows, "seconds": seconds}
     finally:
         warehouse.engine.dispose()

@@ -116,13 +116,15 @@ def empty_account_ltv(table: sa.Table) -> pd.DataFrame:
     return pd.DataFrame(columns=[column.name for column in table.columns if column.name != "as_of"])
 
 
-def time_raw_write(warehouse: Warehouse, frame: pd.DataFrame) -> float:
-    """Return the seconds to convert ``frame`` and write it into a plain table without a key."""
-    source = warehouse.outputs["lead_scores"]
-    frame = frame.assign(as_of=AS_OF, run_id=RUN_ID)
+def time_raw_write(warehouse: Warehouse, source: sa.Table, frame: pd.DataFrame) -> float:
+    """Return the seconds to convert ``frame`` and write it into a new table without a key.
+
+    The new table has the columns of ``source`` that ``frame`` has. The rows go in one COPY
+    of the CSV that publishing sends on PostgreSQL, and in one executemany on SQLite.
+    """
     columns = [column for column in source.columns if column.name in frame.columns]
     plain = sa.Table(
-        f"raw_lead_scores_{uuid.uuid4().hex[:8]}",
+        f"raw_{source.name}_{uuid.uuid4().hex[:8]}",
         sa.MetaData(),
         *[sa.Column(column.name, column.type) for column in columns],
         schema=warehouse.schema,
@@ -216,7 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         warehouse, schema = open_warehouse(url)
         try:
             seconds = {
-                "raw": time_raw_write(warehouse, frame),
+                "raw": time_raw_write(
+                    warehouse,
+                    warehouse.outputs["lead_scores"],
+                    frame.assign(as_of=AS_OF, run_id=RUN_ID),
+                ),
                 "publish": time_publish(warehouse, frame),
                 "republish": time_publish(warehouse, frame),
             }

@@ -42,7 +42,6 @@ from tasks.score import (
     FRONTIER_COLUMNS,
     SCORE_COLUMNS,
     compute_frontier_task,
-    report_scores,
     score_feature_chunks_on_dask,
     score_leads_task,
 )
@@ -132,7 +131,7 @@ def peak_resident_mib() -> float:
 
 
 def feature_spec(features: FeatureSet) -> FeatureSpec:
-    """Return the model input columns of a feature set; training leaves out empty ones."""
+    """Return the model input columns of a feature set. Training leaves out the empty ones."""
     return FeatureSpec(numeric=list(features.numeric), categorical=list(features.categorical))
 
 
@@ -425,8 +424,6 @@ def score_open_leads(
             lead_scores = score_feature_chunks_on_dask(
                 chunks, conversion_champion, value_champion, settings
             )
-            chunk_count = max(1, -(-len(lead_scores) // settings.chunk_rows))
-            report_scores(lead_scores, chunk_count, conversion_champion, value_champion)
         else:
             lead_scores = score_leads_task(chunks, conversion_champion, value_champion, settings)
     frontier = compute_frontier_task(lead_scores, settings.rep_capacity)

@@ -179,7 +179,7 @@ def command_run(args: argparse.Namespace) -> int:
     try:
         result = nightly_scores(as_of=args.as_of, retrain=not args.no_retrain)
     except StageError as exc:
-        # Prefect has already logged the traceback; the last line states the outcome.
+        # Prefect has already logged the traceback, so the last line only states the outcome.
         print(f"fulcrum run: the run failed in stage '{exc.stage}': {exc.__cause__}", file=sys.stderr)
         return 1
     print_result(result)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -129,13 +128,6 @@ def build_source_query(
     return sa.select(*_selected_columns(contract, selectable)).where(condition)
 
 
-def query_fingerprint(engine: Engine, query: sa.Select) -> str:
-    """Return a stable hash of the compiled SQL and its parameters, for cache keys."""
-    compiled = query.compile(engine, compile_kwargs={"literal_binds": False})
-    text = f"{engine.dialect.name}|{compiled}|{sorted(compiled.params.items())}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def read_source(engine: Engine, name: str, query: sa.Select, chunk_rows: int) -> pd.DataFrame:
     """Read one source in chunks, on a read-only connection, and return it with contract types."""
     contract = SOURCES[name]
@@ -167,7 +159,7 @@ def coerce_source_types(frame: pd.DataFrame, contract: SourceContract) -> pd.Dat
             frame[column.name] = to_utc(values, contract.name, column.name)
         elif column.kind == "string":
             if pd.api.types.is_string_dtype(values.dtype) and values.dtype != object:
-                # Already text, stored compactly; making it Python objects would cost
+                # The text is already stored compactly, and Python objects would take
                 # several times the memory.
                 continue
             frame[column.name] = values.astype("object").where(values.notna(), None)
@@ -284,13 +276,9 @@ def extract_sources(
     return SourceFrames(**frames)
 
 
-# The task has no Prefect retries: each source read is tried again on its own, after the
-# delays in settings.extract_retry_delays_seconds, and only when the failure is transient.
-# Its result is neither cached nor written to Prefect's result storage: pickling a million
-# leads' sources took seconds and as much memory again, and would leave revenue data on the
-# disk of every worker. Nor is it kept in Prefect's in-memory result store, which outlived
-# each date of a backfill: 18 MiB more per date for 50,000 leads, measured with
-# bench/bench_backfill_memory.py.
+# No Prefect retries, because each source read retries transient failures on its own.
+# The result is not stored: pickling a million leads' sources doubled peak memory and left
+# revenue data on disk, and Prefect's in-memory store kept every date of a backfill.
 @task(
     name="extract-sources",
     cache_policy=NO_CACHE,

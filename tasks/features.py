@@ -415,7 +415,7 @@ def _load_slug_codes(
     connection: Connection, slug_table: sa.Table, events: sa.FromClause, event_types: list[str]
 ) -> None:
     """Store the code of each raw event type's slug: its place in ``event_types``, or OTHER_SLUG_CODE."""
-    # NOTE: at PostgreSQL's default READ COMMITTED level each query sees the rows committed
+    # NOTE: at PostgreSQL's default READ COMMITTED level each query reads the rows committed
     # before it starts. A raw type first written after this query then gets no code, so its
     # events count in the totals and windows but in neither distinct_event_types nor a
     # per-type column.

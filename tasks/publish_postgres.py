@@ -17,9 +17,9 @@ started before it. A table created unpartitioned by an earlier version gets a st
 too, and its swap deletes the date's rows and inserts the staged ones instead.
 
 NOTE: a REPEATABLE READ or SERIALIZABLE transaction whose snapshot predates the swap, but
-which first reads a score table after it, sees the new rows. Attaching and dropping
+which first reads a score table after it, reads the new rows. Attaching and dropping
 partitions does not follow MVCC, and COPY FREEZE makes the staged rows visible to every
-snapshot. With the DELETE and INSERT of an unpartitioned table it sees the old rows.
+snapshot. With the DELETE and INSERT of an unpartitioned table it reads the old rows.
 
 When staging or the swap fails, the staging tables are dropped and the previous partitions
 stay. A process killed between the two transactions cannot drop its staging tables, so each

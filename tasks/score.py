@@ -95,7 +95,7 @@ def score_feature_chunks_on_dask(
     The cluster is the one at ``settings.dask_address``. Its workers need Fulcrum installed at
     the same version, and PREFECT_API_URL pointing at the Prefect server of this flow run.
     Chunks are sent as they are built, so the workers predict while the next chunk's features
-    are computed here.
+    are computed here. Logs the same summary as the score-leads task.
     """
     try:
         from prefect_dask import DaskTaskRunner
@@ -120,7 +120,9 @@ def score_feature_chunks_on_dask(
             for chunk in chunks
         ]
         predictions = [future.result() for future in futures]
-    return rank_predictions(predictions, conversion, value, settings)
+    scores = rank_predictions(predictions, conversion, value, settings)
+    report_scores(scores, len(predictions), conversion, value)
+    return scores
 
 
 def predict_chunk(
@@ -448,9 +450,9 @@ def score_leads_task(
 ) -> pd.DataFrame:
     """Score the open leads with the champion models, from one feature frame or chunk by chunk."""
     chunks = [features] if isinstance(features, pd.DataFrame) else features
-    counted = _CountedChunks(chunks)
-    scores = score_feature_chunks(counted, conversion, value, settings)
-    report_scores(scores, counted.count, conversion, value)
+    predictions = [predict_chunk(chunk, conversion, value, settings.chunk_rows) for chunk in chunks]
+    scores = rank_predictions(predictions, conversion, value, settings)
+    report_scores(scores, len(predictions), conversion, value)
     return scores
 
 
@@ -469,19 +471,6 @@ def report_scores(
         value.version if value is not None else "none",
         *(int(route_counts.get(route, 0)) for route in routes),
     )
-
-
-class _CountedChunks:
-    """An iterable of chunks that counts the chunks it has yielded."""
-
-    def __init__(self, chunks: Iterable[pd.DataFrame]):
-        self.chunks = chunks
-        self.count = 0
-
-    def __iter__(self):
-        for chunk in self.chunks:
-            self.count += 1
-            yield chunk
 
 
 @task(name="compute-frontier", cache_policy=NO_CACHE)

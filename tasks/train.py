@@ -447,13 +447,13 @@ def drop_empty_numeric_inputs(spec: FeatureSpec, fit_features: pd.DataFrame) -> 
     empty = [name for name in spec.numeric if not fit_features[name].notna().any()]
     if not empty:
         return spec
-    kept = [name for name in spec.numeric if name not in empty]
-    if not kept and not spec.categorical:
+    usable = [name for name in spec.numeric if name not in empty]
+    if not usable and not spec.categorical:
         raise InsufficientDataError(
             f"every model input is empty on the fitting rows ({empty}); nothing can be learned"
         )
     logger.warning("left out numeric inputs with no value on the fitting rows: %s", empty)
-    return FeatureSpec(numeric=kept, categorical=list(spec.categorical))
+    return FeatureSpec(numeric=usable, categorical=list(spec.categorical))
 
 
 def _shared_params(
